@@ -1,0 +1,166 @@
+"""Linear and conv layers with one trainable pruning threshold per output unit.
+
+For unit i (a row of a linear weight, an output filter of a conv weight)::
+
+    s_i = mean_j |W_ij|         m_i = step(s_i - tau_i)         W~ = W * m
+
+and the layer computes its usual function with ``W~``. Autograd through
+``s`` and the straight-through ``step`` gives exactly the gradients of
+SPEC §2::
+
+    dL/dtau_i = -step'(s_i - tau_i) * sum_k g_ik W_ik
+    dL/dW_ij  = m_i g_ij + step'(s_i - tau_i) * (sum_k g_ik W_ik) * sign(W_ij) / n_i
+
+A pruned unit's bias is masked too, so the unit outputs exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spafl.nn.ste import STE_NAMES, step
+
+#: A layer whose kept fraction falls to this or below gets its thresholds reset.
+COLLAPSE_FRACTION = 0.01
+
+
+class MaskedLayer(nn.Module):
+    """Shared behaviour of :class:`MaskedLinear` and :class:`MaskedConv2d`.
+
+    Attributes
+    ----------
+    threshold:
+        Trainable tensor of shape ``[out]``, initialised to 0.
+    ste:
+        Name of the straight-through estimator (see :mod:`spafl.nn.ste`).
+    collapse_guard:
+        Reference behaviour: at the start of every forward pass (evaluation
+        included), if the kept fraction measured at the *previous* forward
+        pass was <= 1 %, all thresholds of this layer are reset to 0.
+    kept_fraction:
+        Buffer holding the kept-unit fraction of the last forward pass.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    threshold: nn.Parameter
+    kept_fraction: torch.Tensor
+
+    def _init_masking(self, ste: str, collapse_guard: bool) -> None:
+        if ste not in STE_NAMES:
+            raise ValueError(f"unknown straight-through estimator {ste!r}; allowed: {', '.join(STE_NAMES)}")
+        self.ste = ste
+        self.collapse_guard = collapse_guard
+        self.threshold = nn.Parameter(torch.zeros(self.weight.shape[0], device=self.weight.device, dtype=self.weight.dtype))
+        self.register_buffer("kept_fraction", torch.ones((), device=self.weight.device, dtype=self.weight.dtype))
+
+    @property
+    def num_units(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def fan_in(self) -> int:
+        """n_i: number of incoming weights of one unit ((in/groups)*kh*kw for conv)."""
+        return self.weight[0].numel()
+
+    def unit_scores(self) -> torch.Tensor:
+        """s_i = mean |W_i,:| (differentiable)."""
+        return self.weight.abs().flatten(1).mean(dim=1)
+
+    def unit_mask(self) -> torch.Tensor:
+        """m_i in {0, 1} with the straight-through gradient attached."""
+        return step(self.unit_scores() - self.threshold, self.ste)
+
+    @torch.no_grad()
+    def kept_units(self) -> torch.Tensor:
+        """Boolean ``[out]`` tensor of kept units (no graph, no side effects)."""
+        return self.weight.abs().flatten(1).mean(dim=1) - self.threshold > 0
+
+    def density(self) -> float:
+        """Kept weights / all weights of this layer (bias not counted)."""
+        return float(self.kept_units().float().mean())
+
+    def _apply_collapse_guard(self) -> None:
+        if self.collapse_guard and float(self.kept_fraction) <= COLLAPSE_FRACTION:
+            with torch.no_grad():
+                self.threshold.zero_()
+
+    def masked_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W~, b~)`` for this forward pass; updates ``kept_fraction``."""
+        self._apply_collapse_guard()
+        mask = self.unit_mask()
+        with torch.no_grad():
+            self.kept_fraction.copy_(mask.detach().mean())
+        weight = self.weight * mask.view(-1, *([1] * (self.weight.dim() - 1)))
+        bias = None if self.bias is None else self.bias * mask
+        return weight, bias
+
+
+class MaskedLinear(MaskedLayer, nn.Linear):
+    """``nn.Linear`` with a trainable threshold per output neuron."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        ste: str = "identity",
+        collapse_guard: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_masking(ste, collapse_guard)
+
+    @property
+    def importance_fan_in(self) -> int:
+        """n_i' of the importance update: ``in_features`` (SPEC §4 step 3)."""
+        return self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.masked_parameters()
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ste={self.ste}"
+
+
+class MaskedConv2d(MaskedLayer, nn.Conv2d):
+    """``nn.Conv2d`` with a trainable threshold per output filter."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        ste: str = "identity",
+        collapse_guard: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        nn.Conv2d.__init__(
+            self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, bias=bias, device=device, dtype=dtype,
+        )
+        if self.padding_mode != "zeros":
+            raise ValueError("MaskedConv2d supports padding_mode='zeros' only")
+        self._init_masking(ste, collapse_guard)
+
+    @property
+    def importance_fan_in(self) -> int:
+        """n_i' of the importance update: kernel area kh*kw, as the reference (SPEC §4 step 3)."""
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.masked_parameters()
+        return self._conv_forward(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ste={self.ste}"
