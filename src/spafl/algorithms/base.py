@@ -1,0 +1,156 @@
+"""The engine-agnostic interface every federated algorithm implements.
+
+An algorithm is a handful of functions over plain data:
+
+* ``init_server(initial_model) -> server state`` and
+  ``init_client(client_id, initial_model) -> client state``;
+* ``server_message(server, client_id, round) -> Message`` (down, to a sampled client);
+* ``client_update(client, message, data, task) -> ClientResult``
+  (new client state, the message up, and local statistics);
+* ``aggregate(server, replies, round) -> server state``;
+* optionally ``broadcast_message`` / ``client_receive`` for a message sent to
+  *every* client after aggregation;
+* ``evaluation_state(client, server)``: the model weights a client is
+  evaluated with.
+
+States are dicts of tensors and plain values, so a checkpoint is a save of
+the states. Messages are flat dicts of named tensors: exactly what travels,
+and what :func:`spafl.metrics.bits.message_bits` counts. Nothing here knows
+which engine (in-process simulator or Flower) calls it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from spafl.config import Config
+from spafl.data.transforms import Preprocess
+from spafl.seeding import derive_seed
+
+Message = dict[str, torch.Tensor]
+State = dict[str, Any]
+
+
+@dataclass
+class ClientData:
+    """One client's local data as contiguous uint8 images and int64 labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    preprocess: Preprocess
+    num_classes: int
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.numel())
+
+    @property
+    def num_test(self) -> int:
+        return int(self.test_y.numel())
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """Who trains in which round; all client randomness derives from these."""
+
+    client_id: int
+    round_index: int  # 0-based round t
+    seed: int
+
+
+@dataclass
+class Reply:
+    """A client's message up, as the server receives it."""
+
+    client_id: int
+    message: Message
+    num_samples: int
+
+
+@dataclass
+class ClientResult:
+    state: State
+    message: Message
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSpec:
+    """How to build the model every client starts from."""
+
+    factory: Callable[[], nn.Module]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+    def initial_state(self, seed: int) -> dict[str, torch.Tensor]:
+        """The common initial model of all clients, a function of ``seed`` only."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "model_init"))
+            model = self.factory()
+        return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+class Algorithm(ABC):
+    """Base class: holds the config and one reusable model workspace."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: Config, spec: ModelSpec) -> None:
+        self.config = config
+        self.spec = spec
+        self.device = torch.device(config.device)
+        self._workspace: nn.Module | None = None
+
+    # -- the model workspace: one module reused for every client --------------
+    def workspace(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """The shared working model, loaded with ``weights`` if given."""
+        if self._workspace is None:
+            self._workspace = self.spec.factory().to(self.device)
+        if weights is not None:
+            self._workspace.load_state_dict(weights)
+        return self._workspace
+
+    @staticmethod
+    def export(model: nn.Module) -> dict[str, torch.Tensor]:
+        """A CPU copy of the model's state, owned by the caller."""
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+
+    # -- the protocol --------------------------------------------------------
+    @abstractmethod
+    def init_server(self, initial_model: dict[str, torch.Tensor]) -> State: ...
+
+    @abstractmethod
+    def init_client(self, client_id: int, initial_model: dict[str, torch.Tensor]) -> State: ...
+
+    @abstractmethod
+    def server_message(self, server: State, client_id: int, round_index: int) -> Message: ...
+
+    @abstractmethod
+    def client_update(self, client: State, message: Message, data: ClientData, task: ClientTask) -> ClientResult: ...
+
+    @abstractmethod
+    def aggregate(self, server: State, replies: list[Reply], round_index: int) -> State: ...
+
+    def broadcast_message(self, server: State, client_id: int, round_index: int) -> Message | None:
+        """A message for *every* client after aggregation (None: no broadcast)."""
+        return None
+
+    def client_receive(self, client: State, message: Message, round_index: int) -> State:
+        """Apply a broadcast message to a client's state."""
+        return client
+
+    @abstractmethod
+    def evaluation_state(self, client: State, server: State) -> dict[str, torch.Tensor]:
+        """The weights client ``client`` is evaluated with."""
+
+    def validate_reply(self, server: State, reply: Reply) -> str | None:
+        """Why a reply must be rejected (None: it is acceptable)."""
+        return None

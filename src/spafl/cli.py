@@ -1,0 +1,179 @@
+"""The `spafl` command line: run, resume, report, keys, presets, fetch-data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from spafl import __version__
+from spafl.errors import DivergedError, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line with exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(threads: int, checksums: dict[str, str], data_source: str) -> dict[str, Any]:
+    import torch
+
+    return {
+        "spafl_version": __version__,
+        "git_commit": _git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": threads,
+        "data_source": data_source,
+        "data_checksums_sha256": checksums,
+    }
+
+
+def _overrides(assignments: list[str] | None, data_dir: str | None) -> dict[str, str]:
+    from spafl.config import parse_assignment
+
+    values = dict(parse_assignment(text) for text in assignments or [])
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    return values
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from spafl.config import build_config, config_from_dict
+    from spafl.engine import Simulator
+    from spafl.engine.rundir import CONFIG, read_run_config, write_json_atomic
+    from spafl.report import format_summary
+
+    if args.resume:
+        if args.preset or args.config or args.set or args.out or args.data_dir:
+            raise UserError("--resume DIR takes no other options: the run continues with the config saved in DIR")
+        run_dir = Path(args.resume)
+        config = config_from_dict(read_run_config(run_dir))
+    else:
+        if args.out is None:
+            raise UserError("spafl run needs --out DIR (or --resume DIR to continue a run)")
+        run_dir = Path(args.out)
+        if (run_dir / CONFIG).exists():
+            raise UserError(f"{run_dir} already holds a run; continue it with `spafl run --resume {run_dir}` or pick another --out")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"--out {run_dir} exists and is not a directory")
+        config = build_config(args.preset, args.config, _overrides(args.set, args.data_dir))
+    simulator = Simulator(config, run_dir, progress=not args.quiet)
+    if not args.resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dataset = simulator.federation.dataset
+        write_json_atomic(run_dir / CONFIG, {
+            "preset": args.preset,
+            "config": config.to_dict(),
+            "provenance": provenance(simulator.threads, dataset.checksums, dataset.source),
+        })
+    try:
+        summary = simulator.run(resume=bool(args.resume))
+    except KeyboardInterrupt:
+        print(f"\nspafl: interrupted; continue with `spafl run --resume {run_dir}`", file=sys.stderr)
+        return 130
+    print(format_summary(run_dir, summary))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from spafl.report import report
+
+    print(report(args.runs))
+    print(f"plots written: accuracy.png, density.png, communication.png in {', '.join(args.runs)}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from spafl.config import describe_keys
+
+    print(describe_keys())
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from spafl.config import PRESETS, build_config
+
+    for name in PRESETS:
+        config = build_config(name)
+        print(f"{name}: {config.model} on {config.dataset}, {config.num_clients} clients ({config.clients_per_round}/round), "
+              f"{config.rounds} rounds, E={config.local_epochs}, batch {config.batch_size}, lr {config.lr}, th_coeff {config.th_coeff}")
+        if args.verbose:
+            print("  " + json.dumps(config.to_dict()))
+    return 0
+
+
+def cmd_fetch_data(args: argparse.Namespace) -> int:
+    from spafl.data import fetch
+
+    location = fetch(args.dataset, args.data_dir)
+    print(f"{args.dataset}: {location}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spafl", description="SpaFL: federated learning with trainable structured-sparsity thresholds.")
+    parser.add_argument("--version", action="version", version=f"spafl {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run (or resume) an experiment")
+    run.add_argument("--preset", help="named settings; see `spafl presets`")
+    run.add_argument("--out", help="run directory to create")
+    run.add_argument("--config", help="TOML file of flat config keys")
+    run.add_argument("--data-dir", help="directory holding the dataset files (authoritative)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.set_defaults(handler=cmd_run)
+
+    rep = commands.add_parser("report", help="summary table and plots of run directories")
+    rep.add_argument("runs", nargs="+", metavar="DIR")
+    rep.set_defaults(handler=cmd_report)
+
+    keys = commands.add_parser("keys", help="list every config key, its default and allowed values")
+    keys.set_defaults(handler=cmd_keys)
+
+    presets = commands.add_parser("presets", help="list the presets")
+    presets.add_argument("--verbose", action="store_true")
+    presets.set_defaults(handler=cmd_presets)
+
+    fetch = commands.add_parser("fetch-data", help="find or download a dataset and print where it is")
+    fetch.add_argument("dataset", choices=("fmnist", "cifar10", "cifar100"))
+    fetch.add_argument("--data-dir", help="look only here")
+    fetch.set_defaults(handler=cmd_fetch_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except UserError as error:
+        print(f"spafl: error: {error}", file=sys.stderr)
+        return 2
+    except DivergedError as error:
+        print(f"spafl: diverged: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Typed run configuration, presets, and validation at the edge.
+
+Every key is a flat field of :class:`Config`. Values come from a preset,
+then an optional TOML file, then ``--set key=value`` overrides, and are
+validated once here; every error names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spafl.errors import UserError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+def _choice(default: str, choices: tuple[str, ...], doc: str) -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+def _num(default: float | int, doc: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> Any:
+    return field(default=default, metadata={"low": low, "high": high, "low_open": low_open, "doc": doc})
+
+
+def _flag(default: bool, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+def _text(default: str, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+def _int_list(doc: str) -> Any:
+    return field(default_factory=tuple, metadata={"doc": doc, "list": True})
+
+
+METHODS = ("spafl",)
+DATASETS = ("fmnist", "cifar10", "cifar100", "synthetic")
+MODEL_NAMES = ("lenet5", "conv4", "resnet18", "vit")
+
+
+@dataclass
+class Config:
+    """All settings of one run. Defaults reproduce the FMNIST reference (SPEC §8)."""
+
+    # what to run
+    method: str = _choice("spafl", METHODS, "federated algorithm")
+    dataset: str = _choice("fmnist", DATASETS, "dataset")
+    model: str = _choice("lenet5", MODEL_NAMES, "model architecture")
+    # federation
+    rounds: int = _num(500, "communication rounds", 1)
+    num_clients: int = _num(100, "clients N", 1)
+    clients_per_round: int = _num(10, "clients sampled per round |S_t| (<= num_clients)", 1)
+    partition: str = _choice("dirichlet", ("dirichlet", "iid"), "how data is split over clients")
+    alpha: float = _num(0.2, "Dirichlet concentration", 0, low_open=True)
+    min_client_samples: int = _num(0, "re-draw the Dirichlet split until every client has this many training samples", 0)
+    # local training
+    local_epochs: int = _num(5, "local epochs E", 1)
+    batch_size: int = _num(64, "local minibatch size", 1)
+    lr: float = _num(0.001, "SGD learning rate at round 0", 0, low_open=True)
+    lr_decay: float = _num(1.0, "lr at round t is max(lr * lr_decay**t, lr_min)", 0, 1, low_open=True)
+    lr_min: float = _num(0.0, "lower bound of the decayed lr", 0)
+    momentum: float = _num(0.9, "SGD momentum", 0, 1)
+    weight_decay: float = _num(0.0, "SGD weight decay", 0)
+    grad_clip: float = _num(0.0, "global gradient-norm clip (0 = off)", 0)
+    optimizer_scope: str = _choice(
+        "persistent", ("persistent", "per_round"),
+        "persistent: one SGD per client for the whole run (FMNIST ref.); per_round: fresh SGD each round (CIFAR ref.)",
+    )
+    # SpaFL
+    th_coeff: float = _num(0.002, "threshold regularizer coefficient c in c*sum(exp(-tau))", 0)
+    th_coeff_warmup: float = _num(
+        1.0, "penalty_scheduler of the FMNIST ref.: c(t) = c / (1 + exp(5 - 10 t / value)); 0 = constant c", 0
+    )
+    ste: str = _choice("identity", ("identity", "outside_unit", "long_tailed"), "straight-through estimator of step")
+    threshold_schedule: str = _choice(
+        "every_step", ("every_step", "last_epoch"),
+        "every_step: thresholds and weights trained jointly (reference code); last_epoch: thresholds only in the last local epoch (paper)",
+    )
+    importance_update: str = _choice(
+        "before_training", ("before_training", "all_after_aggregation", "off"),
+        "when Delta tau_g is fed back into weights (FMNIST ref.: before_training; CIFAR ref.: all_after_aggregation)",
+    )
+    importance_sign: str = _choice("row_sum", ("row_sum", "per_weight"), "sign used by the importance update")
+    importance_delta: str = _choice(
+        "server_sends", ("server_sends", "since_last_seen"),
+        "server_sends: Delta tau_g travels in the down message; since_last_seen: client uses tau_g(t) - tau_g(last seen)",
+    )
+    aggregation_weighting: str = _choice("uniform", ("uniform", "samples"), "threshold averaging weights")
+    frozen_weights: bool = _flag(False, "train thresholds only; weights stay at their initial values")
+    collapse_guard: bool = _flag(True, "reset a layer's thresholds when its kept fraction falls to <= 1%")
+    threshold_clip: float = _num(0.0, "clip thresholds to [-v, v] after each step (0 = off; the reference never clips)", 0)
+    # data
+    pixels: str = _choice("raw", ("raw", "normalized"), "raw: float 0..255 (FMNIST ref.); normalized: [0,1] then per-channel standardization")
+    augment: bool = _flag(False, "pad-4 random crop + horizontal flip during training (CIFAR)")
+    data_dir: str = _text("", "directory with the dataset files (empty: search $SPAFL_DATA, ~/.cache/spafl, system dirs, then download)")
+    # run
+    seed: int = _num(0, "seed of the initial model, partition, sampling and client randomness", 0)
+    eval_every: int = _num(1, "evaluate all clients every this many rounds (and always at the last round)", 1)
+    eval_batch_size: int = _num(1000, "batch size for evaluation", 1)
+    checkpoint_every: int = _num(10, "write a checkpoint every this many rounds (and at the last round)", 1)
+    device: str = _choice("cpu", ("cpu", "cuda"), "where to compute")
+    threads: int = _num(0, "torch CPU threads (0 = number of cores)", 0)
+    record_masks: tuple = _int_list("rounds at which to record every client's kept-unit masks (comma-separated)")
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["record_masks"] = list(self.record_masks)
+        return data
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # SPEC §8, FMNIST column: the defaults of Config.
+    "fmnist-paper": {},
+    # Full FMNIST, fewer clients and rounds: about 3 minutes on 2 CPU cores.
+    "fmnist-quick": {
+        "num_clients": 20,
+        "clients_per_round": 5,
+        "rounds": 30,
+        "local_epochs": 1,
+        "th_coeff": 0.02,
+        "lr": 0.001,
+        "eval_every": 5,
+        "checkpoint_every": 10,
+    },
+    "cifar10-paper": {
+        "dataset": "cifar10", "model": "conv4", "alpha": 0.1, "min_client_samples": 16,
+        "local_epochs": 5, "batch_size": 16, "lr": 0.01, "th_coeff": 0.00015, "th_coeff_warmup": 0.0,
+        "grad_clip": 3.0, "ste": "outside_unit", "optimizer_scope": "per_round",
+        "importance_update": "all_after_aggregation", "pixels": "normalized", "augment": True,
+    },
+    "cifar10-vit-paper": {
+        "dataset": "cifar10", "model": "vit", "alpha": 0.1, "min_client_samples": 16,
+        "local_epochs": 1, "batch_size": 16, "lr": 0.01, "th_coeff": 0.0001, "th_coeff_warmup": 0.0,
+        "grad_clip": 3.0, "ste": "outside_unit", "optimizer_scope": "per_round",
+        "importance_update": "all_after_aggregation", "pixels": "normalized", "augment": True,
+    },
+    "cifar100-paper": {
+        "dataset": "cifar100", "model": "resnet18", "alpha": 0.1, "min_client_samples": 10, "rounds": 1500,
+        "local_epochs": 7, "batch_size": 64, "lr": 0.01, "lr_decay": 0.993, "lr_min": 1e-4,
+        "th_coeff": 0.0007, "th_coeff_warmup": 0.0, "grad_clip": 15.0, "ste": "outside_unit",
+        "optimizer_scope": "per_round", "importance_update": "all_after_aggregation",
+        "pixels": "normalized", "augment": True,
+    },
+}
+
+
+def _unknown_key(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, FIELDS, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run `spafl keys` to list all keys"
+    return UserError(f"unknown config key {key!r} {where}{hint}")
+
+
+def _parse_bool(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise UserError(f"{key} must be true or false, got {raw!r}")
+
+
+def coerce(key: str, raw: Any) -> Any:
+    """Convert ``raw`` (a string from the command line or a TOML value) to the type of ``key``."""
+    if key not in FIELDS:
+        raise _unknown_key(key, "")
+    spec = FIELDS[key]
+    default = getattr(Config(), key)
+    if spec.metadata.get("list"):
+        items = raw if isinstance(raw, (list, tuple)) else [part for part in str(raw).split(",") if part.strip()]
+        try:
+            return tuple(int(item) for item in items)
+        except (TypeError, ValueError):
+            raise UserError(f"{key} must be a comma-separated list of integers, got {raw!r}") from None
+    if isinstance(default, bool):
+        return _parse_bool(key, raw)
+    if isinstance(default, int):
+        if isinstance(raw, bool):
+            raise UserError(f"{key} must be an integer, got {raw!r}")
+        try:
+            value = float(raw) if not isinstance(raw, int) else raw
+        except (TypeError, ValueError):
+            raise UserError(f"{key} must be an integer, got {raw!r}") from None
+        if isinstance(value, float) and (not value.is_integer()):
+            raise UserError(f"{key} must be an integer, got {raw!r}")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(raw, bool):
+            raise UserError(f"{key} must be a number, got {raw!r}")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"{key} must be a number, got {raw!r}") from None
+    return str(raw)
+
+
+def validate(config: Config) -> Config:
+    """Check every value against its allowed choices/range and cross-key rules."""
+    for name, spec in FIELDS.items():
+        value = getattr(config, name)
+        choices = spec.metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        low, high = spec.metadata.get("low"), spec.metadata.get("high")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number; got {value!r}")
+            if low is not None and (value < low or (spec.metadata.get("low_open") and value == low)):
+                bound = f"> {low}" if spec.metadata.get("low_open") else f">= {low}"
+                limits = f"{bound}" + (f" and <= {high}" if high is not None else "")
+                raise UserError(f"{name} must be {limits}; got {value!r}")
+            if high is not None and value > high:
+                raise UserError(f"{name} must be <= {high}; got {value!r}")
+    if config.clients_per_round > config.num_clients:
+        raise UserError(
+            f"clients_per_round ({config.clients_per_round}) must be <= num_clients ({config.num_clients})"
+        )
+    if any(r < 0 or r > config.rounds for r in config.record_masks):
+        raise UserError(f"record_masks rounds must lie in 0..rounds ({config.rounds}); got {list(config.record_masks)}")
+    return config
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {str(path)!r} is a directory, expected a TOML file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise UserError(f"config file {str(path)!r}: tables are not used; write flat keys (found [{key}])")
+    return data
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects key=value, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Preset, then TOML file, then overrides; validated."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            close = difflib.get_close_matches(preset, PRESETS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"unknown preset {preset!r}{hint}; presets: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    if config_file is not None:
+        for key, value in load_toml(config_file).items():
+            if key not in FIELDS:
+                raise _unknown_key(key, f"in {str(config_file)!r}")
+            values[key] = coerce(key, value)
+    for key, value in (overrides or {}).items():
+        if key not in FIELDS:
+            raise _unknown_key(key, "in --set")
+        values[key] = coerce(key, value)
+    return validate(Config(**values))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with :meth:`Config.to_dict` (e.g. from config.json)."""
+    values = {key: coerce(key, value) for key, value in data.items() if key in FIELDS}
+    return validate(Config(**values))
+
+
+def describe_keys() -> str:
+    """Human-readable list of every key with its default and allowed values."""
+    lines = []
+    for name, spec in FIELDS.items():
+        default = getattr(Config(), name)
+        allowed = spec.metadata.get("choices")
+        extra = f" [{' | '.join(allowed)}]" if allowed else ""
+        lines.append(f"{name} = {default!r}{extra}\n    {spec.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""The in-process simulator: all clients in one process, state kept for every client.
+
+Per round: sample clients (seeded by (seed, round) only), send each the
+server's message, run the algorithm's client update, aggregate, send any
+broadcast to every client, evaluate every client every ``eval_every`` rounds
+(and at the last round), append one JSON line to ``metrics.jsonl`` and
+checkpoint every ``checkpoint_every`` rounds. Round 0 is the evaluation of
+the common initial model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spafl.algorithms import ALGORITHMS, Algorithm, ClientTask, Reply
+from spafl.config import Config
+from spafl.engine import checkpoint as ckpt
+from spafl.engine.federation import Federation, build_federation
+from spafl.engine.progress import Progress
+from spafl.engine.rundir import METRICS, SUMMARY, read_metrics, truncate_metrics, write_json_atomic
+from spafl.errors import DivergedError, UserError
+from spafl.metrics import GIGA, evaluate_client, message_bits, summarize
+from spafl.nn import masked_layers
+from spafl.seeding import sample_clients
+
+EVAL_KEYS = ("accuracy", "accuracy_weighted", "accuracy_majority", "loss", "density", "density_weighted", "clients_evaluated")
+
+
+def configure_threads(config: Config) -> int:
+    threads = config.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def resolve_device(config: Config) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but CUDA is not available here; use --set device=cpu")
+    return torch.device(config.device)
+
+
+class Simulator:
+    """Runs one configured experiment into ``run_dir``."""
+
+    def __init__(self, config: Config, run_dir: str | Path, federation: Federation | None = None, progress: bool = True) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.threads = configure_threads(config)
+        resolve_device(config)
+        self.federation = federation or build_federation(config)
+        self.algorithm: Algorithm = ALGORITHMS[config.method](config, self.federation.spec)
+        self.show_progress = progress
+
+    # -- state -----------------------------------------------------------------
+    def _fresh_state(self) -> dict[str, Any]:
+        initial = self.federation.spec.initial_state(self.config.seed)
+        return {
+            "round": 0,
+            "server": self.algorithm.init_server(initial),
+            "clients": [self.algorithm.init_client(k, initial) for k in range(self.config.num_clients)],
+            "bits_cum": 0,
+            "flops_cum": 0.0,
+            "last_eval": None,
+        }
+
+    def _checkpoint(self, state: dict[str, Any]) -> None:
+        ckpt.save_checkpoint(self.run_dir, {**state, "torch_rng": torch.get_rng_state(), "config": self.config.to_dict()})
+
+    # -- evaluation ------------------------------------------------------------
+    def evaluate(self, state: dict[str, Any]) -> dict[str, float]:
+        evals = []
+        for client_id, data in enumerate(self.federation.clients):
+            weights = self.algorithm.evaluation_state(state["clients"][client_id], state["server"])
+            model = self.algorithm.workspace(weights)
+            evals.append(evaluate_client(model, data, self.config.eval_batch_size, self.algorithm.device))
+        return summarize(evals)
+
+    def _record_masks(self, state: dict[str, Any], round_number: int) -> None:
+        """Kept/pruned state of every unit of every client, bit-packed (for sparsity-pattern figures)."""
+        masks: dict[str, list[np.ndarray]] = {}
+        for client_id in range(self.config.num_clients):
+            weights = self.algorithm.evaluation_state(state["clients"][client_id], state["server"])
+            model = self.algorithm.workspace(weights)
+            for name, layer in masked_layers(model):
+                masks.setdefault(name, []).append(layer.kept_units().cpu().numpy())
+        directory = self.run_dir / "masks"
+        directory.mkdir(exist_ok=True)
+        packed = {name: np.packbits(np.stack(rows), axis=1) for name, rows in masks.items()}
+        units = {f"units/{name}": np.array(len(rows[0])) for name, rows in masks.items()}
+        np.savez_compressed(directory / f"round_{round_number:05d}.npz", **packed, **units)
+
+    # -- one round -------------------------------------------------------------
+    def run_round(self, state: dict[str, Any], round_index: int) -> dict[str, Any]:
+        """Train round ``round_index`` (0-based) in place; returns the round's metrics row (without eval)."""
+        config = self.config
+        algorithm = self.algorithm
+        sampled = sample_clients(config.seed, round_index, config.num_clients, config.clients_per_round)
+        replies, losses = [], []
+        bits_up = bits_down = 0
+        flops = 0.0
+        for client_id in sampled:
+            down = algorithm.server_message(state["server"], client_id, round_index)
+            bits_down += message_bits(down)
+            task = ClientTask(client_id=client_id, round_index=round_index, seed=config.seed)
+            result = algorithm.client_update(state["clients"][client_id], down, self.federation.clients[client_id], task)
+            loss = result.stats.get("train_loss", float("nan"))
+            if result.stats.get("steps", 0) and not math.isfinite(loss):
+                raise DivergedError(
+                    f"round {round_index + 1}: client {client_id}'s training loss is {loss}; the run diverged. "
+                    f"The last good checkpoint (round {state['round']}) is kept; lower lr or th_coeff, or set grad_clip, and start a new run"
+                )
+            state["clients"][client_id] = result.state
+            bits_up += message_bits(result.message)
+            flops += result.stats.get("flops", 0.0)
+            if result.stats.get("steps", 0):
+                losses.append(loss)
+            replies.append(Reply(client_id, result.message, int(result.stats.get("num_samples", 0))))
+        state["server"] = algorithm.aggregate(state["server"], replies, round_index)
+        for client_id in range(config.num_clients):
+            broadcast = algorithm.broadcast_message(state["server"], client_id, round_index)
+            if broadcast is not None:
+                bits_down += message_bits(broadcast)
+                state["clients"][client_id] = algorithm.client_receive(state["clients"][client_id], broadcast, round_index)
+        state["round"] = round_index + 1
+        state["bits_cum"] += bits_up + bits_down
+        state["flops_cum"] += flops / config.num_clients
+        return {
+            "round": round_index + 1,
+            "sampled": sampled,
+            "replies": len(replies),
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "bits_up": bits_up,
+            "bits_down": bits_down,
+            "bits_cum": state["bits_cum"],
+            "flops_cum": state["flops_cum"],
+        }
+
+    # -- the run ---------------------------------------------------------------
+    def _row(self, base: dict[str, Any], state: dict[str, Any], evaluate: bool, seconds: float) -> dict[str, Any]:
+        if evaluate:
+            state["last_eval"] = self.evaluate(state)
+        carried = state["last_eval"] or {}
+        row = {"round": base["round"], "evaluated": evaluate}
+        row.update({key: carried.get(key) for key in EVAL_KEYS})
+        row.update({k: v for k, v in base.items() if k != "round"})
+        row["seconds"] = seconds
+        return row
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(self.run_dir)
+        metrics_path = self.run_dir / METRICS
+        saved = ckpt.load_checkpoint(self.run_dir) if resume else None
+        if saved is not None:
+            state = {key: saved[key] for key in ("round", "server", "clients", "bits_cum", "flops_cum", "last_eval")}
+            torch.set_rng_state(saved["torch_rng"])
+            truncate_metrics(metrics_path, state["round"])
+        else:
+            state = self._fresh_state()
+            metrics_path.write_text("")
+        progress = Progress(config.rounds, start=state["round"], enabled=self.show_progress)
+        with open(metrics_path, "a") as metrics:
+            def emit(row: dict[str, Any]) -> None:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+
+            if state["round"] == 0:
+                began = time.perf_counter()
+                base = {"round": 0, "sampled": [], "replies": 0, "train_loss": None, "bits_up": 0, "bits_down": 0, "bits_cum": 0, "flops_cum": 0.0}
+                row = self._row(base, state, True, 0.0)
+                row["seconds"] = time.perf_counter() - began
+                emit(row)
+                if 0 in config.record_masks:
+                    self._record_masks(state, 0)
+            for round_index in range(state["round"], config.rounds):
+                began = time.perf_counter()
+                base = self.run_round(state, round_index)
+                number = round_index + 1
+                evaluate = number % config.eval_every == 0 or number == config.rounds
+                row = self._row(base, state, evaluate, 0.0)
+                row["seconds"] = time.perf_counter() - began
+                emit(row)
+                if number in config.record_masks:
+                    self._record_masks(state, number)
+                if number % config.checkpoint_every == 0 or number == config.rounds:
+                    self._checkpoint(state)
+                progress.update(number, row["accuracy"], row["density"], row["bits_cum"] / GIGA)
+        summary = summarize_run(read_metrics(metrics_path))
+        write_json_atomic(self.run_dir / SUMMARY, summary)
+        return summary
+
+
+def summarize_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json: final, best-round and sparsest-round figures, totals."""
+    evaluated = [r for r in rows if r["evaluated"] and r["round"] > 0] or [r for r in rows if r["evaluated"]]
+    final = rows[-1]
+    best = max(evaluated, key=lambda r: (r["accuracy"], -r["round"]))
+    sparsest = min(evaluated, key=lambda r: (r["density"], r["round"]))
+    return {
+        "rounds": final["round"],
+        "final": {key: final[key] for key in ("round", "accuracy", "accuracy_weighted", "accuracy_majority", "loss", "density", "density_weighted")},
+        "best_round": {"round": best["round"], "accuracy": best["accuracy"], "density": best["density"]},
+        "lowest_density": {"round": sparsest["round"], "density": sparsest["density"], "accuracy": sparsest["accuracy"]},
+        "gbit_total": final["bits_cum"] / GIGA,
+        "bits_total": final["bits_cum"],
+        "flops_total": final["flops_cum"],
+        "seconds_total": sum(r["seconds"] for r in rows),
+    }

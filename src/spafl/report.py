@@ -1,0 +1,103 @@
+"""`spafl report`: summary tables and plots of finished (or running) runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from spafl.engine.rundir import METRICS, read_metrics
+from spafl.engine.simulator import summarize_run
+from spafl.errors import UserError
+from spafl.metrics import GIGA
+
+
+def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        raise UserError(f"{run_dir} is not a spafl run directory (no {METRICS})")
+    rows = read_metrics(path)
+    if not rows:
+        raise UserError(f"{path} has no rounds yet")
+    return rows
+
+
+def format_summary(run_dir: str | Path, summary: dict[str, Any]) -> str:
+    final, best, sparsest = summary["final"], summary["best_round"], summary["lowest_density"]
+    lines = [
+        f"run {run_dir}: {summary['rounds']} rounds",
+        f"  {'':22}{'round':>6}{'accuracy %':>12}{'density':>9}{'density_w':>11}",
+        f"  {'final':22}{final['round']:>6}{final['accuracy']:>12.2f}{final['density']:>9.3f}{final['density_weighted']:>11.3f}",
+        f"  {'best round':22}{best['round']:>6}{best['accuracy']:>12.2f}{best['density']:>9.3f}",
+        f"  {'lowest density':22}{sparsest['round']:>6}{sparsest['accuracy']:>12.2f}{sparsest['density']:>9.3f}",
+        f"  {'majority-class floor':22}{'':>6}{final['accuracy_majority']:>12.2f}",
+        f"  communication {summary['gbit_total']:.6g} Gbit, training FLOPs {summary['flops_total']:.4g} "
+        f"(reference count, per client), wall time {summary['seconds_total']:.1f} s",
+        "  (accuracy: mean over clients of own-test-split accuracy; density: layer-mean, density_w: parameter-weighted)",
+    ]
+    return "\n".join(lines)
+
+
+def table(runs: dict[str, dict[str, Any]]) -> str:
+    header = f"{'run':40} {'rounds':>6} {'acc %':>7} {'floor %':>8} {'best %':>7} {'density':>8} {'dens_w':>7} {'Gbit':>10} {'FLOPs':>10} {'sec':>7}"
+    lines = [header, "-" * len(header)]
+    for name, s in runs.items():
+        f = s["final"]
+        lines.append(
+            f"{name[-40:]:40} {s['rounds']:>6} {f['accuracy']:>7.2f} {f['accuracy_majority']:>8.2f} {s['best_round']['accuracy']:>7.2f} "
+            f"{f['density']:>8.3f} {f['density_weighted']:>7.3f} {s['gbit_total']:>10.4g} {s['flops_total']:>10.3g} {s['seconds_total']:>7.0f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_run(run_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    evaluated = [r for r in rows if r["evaluated"]]
+    rounds = [r["round"] for r in evaluated]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [r["accuracy"] for r in evaluated], marker=".", label="SpaFL accuracy (mean over clients)")
+    ax.plot(rounds, [r["accuracy_weighted"] for r in evaluated], linestyle=":", label="accuracy (sample-weighted)")
+    ax.plot(rounds, [r["accuracy_majority"] for r in evaluated], linestyle="--", color="grey", label="majority-class floor")
+    ax.set(xlabel="round", ylabel="test accuracy (%)", title="Personalized accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, run_dir / "accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [r["density"] for r in evaluated], marker=".", label="layer-mean density")
+    ax.plot(rounds, [r["density_weighted"] for r in evaluated], label="parameter-weighted density")
+    ax.set(xlabel="round", ylabel="density (kept fraction)", title="Model density (mean over clients)", ylim=(0, 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, run_dir / "density.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["round"] for r in rows], [r["bits_cum"] / GIGA for r in rows])
+    ax.set(xlabel="round", ylabel="cumulative communication (Gbit)", title="Communication (down + up)")
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, run_dir / "communication.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def report(run_dirs: list[str]) -> str:
+    summaries = {}
+    for run_dir in run_dirs:
+        rows = load_run(run_dir)
+        summaries[str(run_dir)] = summarize_run(rows)
+        plot_run(run_dir, rows)
+    return table(summaries)
