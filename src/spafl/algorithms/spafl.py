@@ -36,8 +36,13 @@ def pack(prefix: str, tensors: dict[str, torch.Tensor]) -> Message:
     return {prefix + name: tensor for name, tensor in tensors.items()}
 
 
-def unpack(prefix: str, message: Message) -> dict[str, torch.Tensor]:
-    return {name[len(prefix):]: tensor for name, tensor in message.items() if name.startswith(prefix)}
+def unpack(prefix: str, message: Message, expected: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors named ``prefix<layer>``; with ``expected``, all those layers must be present."""
+    found = {name[len(prefix):]: tensor for name, tensor in message.items() if name.startswith(prefix)}
+    if expected is not None and set(found) != set(expected):
+        missing = sorted(set(expected) - set(found))
+        raise ValueError(f"message lacks {prefix}* tensors for layers {missing[:5]} (has {sorted(message)[:5]}...)")
+    return found
 
 
 @torch.no_grad()
@@ -188,8 +193,8 @@ class SpaFL(Algorithm):
     def _received_delta(self, client: State, message: Message) -> dict[str, torch.Tensor]:
         """Delta tau_g as this client can know it, and the client's new 'last seen'."""
         if self.config.importance_delta == "server_sends":
-            return unpack(DELTA, message)
-        received = unpack(THRESHOLDS, message)
+            return unpack(DELTA, message, self.layer_names)
+        received = unpack(THRESHOLDS, message, self.layer_names)
         delta = {name: received[name] - client["last_seen"][name] for name in received}
         client["last_seen"] = {name: tensor.clone() for name, tensor in received.items()}
         return delta
@@ -226,7 +231,7 @@ class SpaFL(Algorithm):
         c = self.config
         client = dict(client)
         model = self.workspace(client["model"])
-        received = unpack(THRESHOLDS, message)
+        received = unpack(THRESHOLDS, message, self.layer_names)
         if c.importance_update == "before_training" and not c.frozen_weights:
             delta = self._received_delta(client, message)
             set_thresholds(model, received)

@@ -179,12 +179,15 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_tarball(path: Path, s: CifarSpec) -> dict[str, bytes]:
+def _read_tarball(path: Path, s: CifarSpec) -> tuple[dict[str, bytes], str]:
+    """The wanted member files of the tarball, and the tarball's SHA-256."""
     wanted = {f"{s.folder}/{m}": m for m in s.members}
     found: dict[str, bytes] = {}
+    digest = _sha256_file(path)
     try:
         with tarfile.open(path, "r:gz") as tf:
-            for member in tf:  # sequential: no backward seeks in the gzip stream
+            # Sequential iteration: no backward seeks in the gzip stream.
+            for member in tf:
                 name = member.name[2:] if member.name.startswith("./") else member.name
                 if name in wanted and member.isfile():
                     f = tf.extractfile(member)
@@ -197,7 +200,7 @@ def _read_tarball(path: Path, s: CifarSpec) -> dict[str, bytes]:
     missing = [f"{s.folder}/{m}" for m in s.members if m not in found]
     if missing:
         raise UserError(f"{path}: tarball lacks {', '.join(missing)}; is it the official {s.tarball}?")
-    return found
+    return found, digest
 
 
 def load_cifar(directory: str | os.PathLike, which: str) -> Dataset:
@@ -213,8 +216,7 @@ def load_cifar(directory: str | os.PathLike, which: str) -> Dataset:
     kind, path = found
     checksums: dict[str, str] = {}
     if kind == "tarball":
-        checksums[path.name] = _sha256_file(path)
-        raw = _read_tarball(path, s)
+        raw, checksums[path.name] = _read_tarball(path, s)
         where = {m: f"{path}:{s.folder}/{m}" for m in s.members}
     else:
         raw = {}
@@ -234,9 +236,11 @@ def load_cifar(directory: str | os.PathLike, which: str) -> Dataset:
             ys.append(y)
         x = np.concatenate(xs) if len(xs) > 1 else xs[0]
         y = np.concatenate(ys) if len(ys) > 1 else ys[0]
+        x = np.ascontiguousarray(x)
+        if not x.flags.writeable:
+            x = x.copy()
         # Rows are already channel-major (R plane, G plane, B plane): CHW.
-        images = torch.from_numpy(np.ascontiguousarray(x).reshape(-1, *IMAGE_SHAPE).copy())
-        return images, torch.from_numpy(y)
+        return torch.from_numpy(x.reshape(-1, *IMAGE_SHAPE)), torch.from_numpy(np.ascontiguousarray(y))
 
     train_x, train_y = split(s.train_members)
     test_x, test_y = split(s.test_members)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import struct
 import tarfile
 import time
 from pathlib import Path
@@ -78,12 +79,46 @@ def write_fake_fmnist(directory: str | os.PathLike, num_train: int, num_test: in
     return d
 
 
+class _Py2StylePickler(pickle._Pickler):
+    """Pickle protocol 2 as Python 2 wrote it: bytes and ASCII str as BINSTRING.
+
+    The official CIFAR files were written by Python 2, where every string is
+    a byte string; under ``encoding="bytes"`` they load as ``bytes``
+    (dict keys, numpy's dtype arguments). Python 3's own protocol-2 pickler
+    writes bytes as ``_codecs.encode(...)`` calls instead, which the official
+    files never contain.
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_binstring(self, payload: bytes, obj) -> None:
+        n = len(payload)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + payload)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + payload)
+        self.memoize(obj)
+
+    def save_bytes(self, obj: bytes) -> None:
+        self._save_binstring(obj, obj)
+
+    def save_str(self, obj: str) -> None:
+        if obj.isascii():
+            self._save_binstring(obj.encode("ascii"), obj)
+        else:
+            pickle._Pickler.save_str(self, obj)
+
+    dispatch[bytes] = save_bytes
+    dispatch[str] = save_str
+
+
 def _pickle_like_official(obj: dict) -> bytes:
-    """Pickle protocol 2 with numpy globals named as in the official (numpy 1.x era) files."""
-    data = pickle.dumps(obj, protocol=2)
-    # Protocol 2 names globals as text ("c<module>\n<name>\n"); use the module
-    # path the official files carry.
-    return data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    """Pickle ``obj`` the way the official (Python 2, numpy 1.x era) CIFAR files are pickled."""
+    buf = io.BytesIO()
+    _Py2StylePickler(buf, protocol=2).dump(obj)
+    # Globals are written as text ("c<module>\n<name>\n"); use the module
+    # path numpy 1.x wrote, as in the official files.
+    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
 
 
 def _add(tf: tarfile.TarFile, name: str, payload: bytes, mtime: float) -> None:
