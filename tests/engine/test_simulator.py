@@ -1,0 +1,119 @@
+"""The in-process simulator: exact bits per variant, determinism, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from spafl.engine import Simulator
+from spafl.engine.federation import build_federation
+from spafl.seeding import sample_clients
+
+from .conftest import small_config
+
+LENET_THRESHOLDS = 580
+
+
+def run(tmp_path, synthetic, name="run", **overrides):
+    config = small_config(**overrides)
+    simulator = Simulator(config, tmp_path / name, federation=build_federation(config, synthetic), progress=False)
+    summary = simulator.run()
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return rows, summary, simulator
+
+
+@pytest.mark.parametrize(
+    "update,delta,down_per_round",
+    [
+        # K = 2 sampled clients, N = 4 clients, 580 float32 thresholds
+        ("before_training", "server_sends", 2 * 2 * LENET_THRESHOLDS * 32),  # tau_g and delta
+        ("before_training", "since_last_seen", 2 * LENET_THRESHOLDS * 32),
+        ("all_after_aggregation", "server_sends", (2 + 4) * LENET_THRESHOLDS * 32),  # + delta to all N
+        ("off", "server_sends", 2 * LENET_THRESHOLDS * 32),
+    ],
+)
+def test_bits_per_round_are_exact(tmp_path, synthetic, update, delta, down_per_round):
+    rows, summary, _ = run(tmp_path, synthetic, importance_update=update, importance_delta=delta)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["bits_up"] == 2 * LENET_THRESHOLDS * 32 == 37_120
+        assert row["bits_down"] == down_per_round
+    assert rows[-1]["bits_cum"] == 2 * (37_120 + down_per_round) == summary["bits_total"]
+    assert summary["gbit_total"] == pytest.approx(summary["bits_total"] / 1e9)
+
+
+def test_metrics_rows_have_every_field_and_evaluation_is_carried(tmp_path, synthetic):
+    rows, summary, sim = run(tmp_path, synthetic, rounds=3, eval_every=2)
+    fields = {"round", "evaluated", "accuracy", "accuracy_weighted", "accuracy_majority", "loss", "density",
+              "density_weighted", "bits_up", "bits_down", "bits_cum", "flops_cum", "seconds", "sampled", "train_loss"}
+    assert all(fields <= set(r) for r in rows)
+    assert [r["evaluated"] for r in rows] == [True, False, True, True]  # round 3 is the last: always evaluated
+    assert rows[1]["accuracy"] == rows[0]["accuracy"] and rows[1]["density"] == rows[0]["density"]
+    assert rows[0]["density"] == 1.0 and rows[0]["bits_cum"] == 0
+    assert [r["sampled"] for r in rows[1:]] == [sample_clients(0, t, 4, 2) for t in range(3)]
+    assert 0 <= rows[-1]["accuracy"] <= 100 and 0 < rows[-1]["density"] <= 1
+    assert rows[-1]["flops_cum"] > rows[1]["flops_cum"] > 0
+    assert summary["final"]["round"] == 3 and summary["rounds"] == 3
+
+
+def test_unsampled_clients_keep_their_state(tmp_path, synthetic):
+    config = small_config(num_clients=4, clients_per_round=1, rounds=1)
+    sim = Simulator(config, tmp_path / "r", federation=build_federation(config, synthetic), progress=False)
+    state = sim._fresh_state()
+    before = {k: v.clone() for k, v in state["clients"][0]["model"].items()}
+    sampled = sim.run_round(state, 0)["sampled"]
+    for client_id in range(4):
+        same = all(torch.equal(state["clients"][client_id]["model"][k], before[k]) for k in before)
+        assert same == (client_id not in sampled)
+
+
+def strip_seconds(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_same_seed_same_metrics_and_different_seed_differs(tmp_path, synthetic):
+    first, _, _ = run(tmp_path, synthetic, "a")
+    second, _, _ = run(tmp_path, synthetic, "b")
+    other, _, _ = run(tmp_path, synthetic, "c", seed=1)
+    assert strip_seconds(first) == strip_seconds(second)
+    assert strip_seconds(first) != strip_seconds(other)
+
+
+def _spafl(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "spafl.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_sigkill_mid_round_then_resume_gives_identical_metrics(tmp_path):
+    settings = ["--set", "dataset=synthetic", "--set", "num_clients=4", "--set", "clients_per_round=2",
+                "--set", "rounds=5", "--set", "local_epochs=2", "--set", "checkpoint_every=2", "--set", "threads=1",
+                "--set", "batch_size=16", "--quiet"]
+    reference = _spafl("run", "--preset", "fmnist-paper", "--out", str(tmp_path / "full"), *settings)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+
+    victim = _spafl("run", "--preset", "fmnist-paper", "--out", str(tmp_path / "killed"), *settings)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # round 3's row is written after the round-2 checkpoint: round 4 is running now
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    rows_at_kill = len(metrics.read_text().splitlines())
+    assert 4 <= rows_at_kill < 6, "the run finished before it could be killed"
+
+    resumed = _spafl("run", "--resume", str(tmp_path / "killed"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    full = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(l) for l in metrics.read_text().splitlines()]
+    assert [r["round"] for r in again] == [0, 1, 2, 3, 4, 5]
+    assert strip_seconds(again) == strip_seconds(full)
+    full_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    again_summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert {k: v for k, v in again_summary.items() if k != "seconds_total"} == {k: v for k, v in full_summary.items() if k != "seconds_total"}
