@@ -149,7 +149,7 @@ def test_download_goes_to_spafl_data(env):
     write_fake_cifar(src, "cifar100", 10, 3)
     content = (src / "cifar-100-python.tar.gz").read_bytes()
     env.monkeypatch.setitem(cifar.TARBALL_SHA256, "cifar100", hashlib.sha256(content).hexdigest())
-    env.monkeypatch.setitem(cifar.TARBALL_MD5, "cifar100", hashlib.md5(content).hexdigest())
+    env.monkeypatch.setitem(cifar.TARBALL_MD5, "cifar100", hashlib.md5(content, usedforsecurity=False).hexdigest())
     served = _serve_from(env, src)
     envdir = env.tmp / "envdata"
     env.monkeypatch.setenv("SPAFL_DATA", str(envdir))
@@ -199,7 +199,7 @@ def test_fetch(env):
     write_fake_cifar(src, "cifar10", 10, 2)
     content = (src / "cifar-10-python.tar.gz").read_bytes()
     env.monkeypatch.setitem(cifar.TARBALL_SHA256, "cifar10", hashlib.sha256(content).hexdigest())
-    env.monkeypatch.setitem(cifar.TARBALL_MD5, "cifar10", hashlib.md5(content).hexdigest())
+    env.monkeypatch.setitem(cifar.TARBALL_MD5, "cifar10", hashlib.md5(content, usedforsecurity=False).hexdigest())
     served = _serve_from(env, src)
     target = env.tmp / "target"
     assert fetch("cifar10", str(target)) == target

@@ -1,6 +1,5 @@
 """Dirichlet and IID client partitions."""
 
-import time
 
 import numpy as np
 import pytest
@@ -90,10 +89,9 @@ def test_min_client_samples_redraws(labels):
 
 def test_impossible_request_fails_fast(labels):
     ytr, yte = labels
-    t0 = time.perf_counter()
+    # max_draws=1: the size check must come before any draw, or the error would be the give-up one
     with pytest.raises(UserError, match=r"100 clients at least 51 .* 5100 .* has 5000; lower num_clients or min_client_samples"):
-        dirichlet_partition(ytr, yte, 100, 0.1, seed=0, min_client_samples=51, max_draws=10**9)
-    assert time.perf_counter() - t0 < 0.5
+        dirichlet_partition(ytr, yte, 100, 0.1, seed=0, min_client_samples=51, max_draws=1)
 
 
 def test_gives_up_after_max_draws(labels):

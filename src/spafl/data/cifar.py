@@ -160,10 +160,13 @@ def _decode_batch(d: dict, label_key: bytes, num_classes: int, where: str) -> tu
     data, labels = _get(d, b"data"), _get(d, label_key)
     if data is None or labels is None:
         raise UserError(f"{where}: CIFAR batch lacks the keys b'data' and {label_key!r}; wrong file or wrong dataset")
-    data = np.asarray(data)
+    try:
+        data = np.asarray(data)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: b'data' or {label_key!r} has the wrong type ({e}); wrong or corrupt file") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != ROW:
         raise UserError(f"{where}: b'data' is {data.dtype} {data.shape}, expected uint8 [n, {ROW}]")
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     if labels.shape[0] != data.shape[0]:
         raise UserError(f"{where}: {data.shape[0]} images but {labels.shape[0]} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -253,7 +256,7 @@ def load_cifar(directory: str | os.PathLike, which: str) -> Dataset:
 def verify_tarball(path: str | os.PathLike, which: str) -> None:
     """Check a downloaded tarball against the official SHA-256 and MD5; UserError on mismatch."""
     path = Path(path)
-    sha, md5 = hashlib.sha256(), hashlib.md5()
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha.update(chunk)

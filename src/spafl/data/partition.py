@@ -107,6 +107,8 @@ def dirichlet_partition(
         draw = []  # per class: (shuffled train idx, train bounds, shuffled test idx, test bounds)
         for c in range(num_classes):
             p = rng.dirichlet(ones)
+            if not np.isfinite(p).all():
+                raise UserError(f"Dirichlet alpha={alpha} is too small to sample proportions; use a larger alpha")
             tr = rng.permutation(train_by_class[c])
             te = rng.permutation(test_by_class[c])
             btr = split_bounds(p, tr.size)
@@ -121,8 +123,8 @@ def dirichlet_partition(
                     train_groups[k].append(tr[btr[k]:btr[k + 1]])
                     test_groups[k].append(te[bte[k]:bte[k + 1]])
             return Partition(
-                train=_to_tensors([np.concatenate(g) for g in train_groups]),
-                test=_to_tensors([np.concatenate(g) for g in test_groups]),
+                train=_to_tensors([np.concatenate(g) if g else np.empty(0, np.int64) for g in train_groups]),
+                test=_to_tensors([np.concatenate(g) if g else np.empty(0, np.int64) for g in test_groups]),
             )
     raise UserError(
         f"no Dirichlet(alpha={alpha}) split in {max_draws} draws gave all {n_clients} clients >= {min_client_samples} "
