@@ -14,11 +14,13 @@ DATASETS: tuple[str, ...] = ("fmnist", "cifar10", "cifar100", "synthetic")
 
 @dataclass
 class Dataset:
-    """A whole dataset held in memory as uint8 images and int64 labels.
+    """A whole dataset held in memory: inputs and int64 labels.
 
-    Images are ``[N, C, H, W]`` uint8 and contiguous; turning them into model
-    input (scaling, normalization, augmentation) is the job of
-    :class:`spafl.data.transforms.Preprocess`.
+    The built-in datasets hold ``[N, C, H, W]`` uint8 images; turning them into
+    model input (scaling, normalization, augmentation) is the job of
+    :class:`spafl.data.transforms.Preprocess`. A user's own data
+    (:func:`spafl.api.run`) may instead be float32 features of any shape
+    ``[N, ...]``, which are used as given.
     """
 
     name: str
@@ -31,13 +33,14 @@ class Dataset:
     checksums: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for attr, dtype, ndim in (
-            ("train_x", torch.uint8, 4), ("test_x", torch.uint8, 4),
-            ("train_y", torch.int64, 1), ("test_y", torch.int64, 1),
-        ):
+        for attr in ("train_x", "test_x"):
             t = getattr(self, attr)
-            if t.dtype != dtype or t.dim() != ndim:
-                raise ValueError(f"Dataset.{attr} must be {dtype} with {ndim} dims, got {t.dtype} {tuple(t.shape)}")
+            if not ((t.dtype == torch.uint8 and t.dim() == 4) or (t.dtype == torch.float32 and t.dim() >= 2)):
+                raise ValueError(f"Dataset.{attr} must be uint8 [N, C, H, W] images or float32 [N, ...] features, got {t.dtype} {tuple(t.shape)}")
+        for attr in ("train_y", "test_y"):
+            t = getattr(self, attr)
+            if t.dtype != torch.int64 or t.dim() != 1:
+                raise ValueError(f"Dataset.{attr} must be int64 with 1 dim, got {t.dtype} {tuple(t.shape)}")
         if self.train_x.shape[0] != self.train_y.shape[0] or self.test_x.shape[0] != self.test_y.shape[0]:
             raise ValueError("Dataset: number of images and labels differ")
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
@@ -46,9 +49,9 @@ class Dataset:
         self.test_x = self.test_x.contiguous()
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train_x.shape[1:]
-        return (int(c), int(h), int(w))
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one input: (C, H, W) for images."""
+        return tuple(int(size) for size in self.train_x.shape[1:])
 
 
 def check_name(name: str) -> str:

@@ -72,6 +72,10 @@ class Preprocess:
 
     def __call__(self, x_uint8: torch.Tensor, generator: torch.Generator | None = None, train: bool = False) -> torch.Tensor:
         x = x_uint8
+        if x.dtype == torch.float32:
+            if train and self.augment:
+                raise ValueError("augmentation needs uint8 images; float features are used as given")
+            return x  # a user's own features (spafl.api.run): no scaling
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"Preprocess expects a uint8 [B, C, H, W] batch, got {x.dtype} {tuple(x.shape)}")
         if train and self.augment and x.shape[0] > 0:

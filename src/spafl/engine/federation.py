@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from spafl.algorithms.base import ClientData, ModelSpec
 from spafl.config import Config
-from spafl.data import Dataset, Partition, dirichlet_partition, iid_partition, load_dataset, preprocess_for
+from spafl.data import Dataset, Partition, Preprocess, dirichlet_partition, iid_partition, load_dataset, preprocess_for
 from spafl.errors import UserError
 from spafl.models import build_model, input_shape_for
 from spafl.seeding import derive_seed
@@ -53,7 +55,10 @@ def split(config: Config, dataset: Dataset) -> Partition:
 
 def client_data(config: Config, dataset: Dataset, partition: Partition, client_id: int) -> ClientData:
     """Client ``client_id``'s samples, copied into contiguous tensors."""
-    preprocess = preprocess_for(dataset.name, config.pixels, augment=config.augment)
+    if dataset.train_x.dtype == torch.uint8:
+        preprocess = preprocess_for(dataset.name, config.pixels, augment=config.augment)
+    else:  # a user's own float features are used as given
+        preprocess = Preprocess(pixels="raw", mean=(0.0,), std=(1.0,), augment=False)
     train, test = partition.train[client_id], partition.test[client_id]
     return ClientData(
         train_x=dataset.train_x[train].contiguous(),
@@ -65,10 +70,12 @@ def client_data(config: Config, dataset: Dataset, partition: Partition, client_i
     )
 
 
-def build_federation(config: Config, dataset: Dataset | None = None) -> Federation:
+def build_federation(config: Config, dataset: Dataset | None = None, spec: ModelSpec | None = None) -> Federation:
+    """The federation of ``config``; ``dataset`` and ``spec`` replace the configured dataset and model."""
     if dataset is None:
         dataset = load_dataset(config.dataset, config.data_dir or None)
-    spec = model_spec(config, dataset)
+    if spec is None:
+        spec = model_spec(config, dataset)
     partition = split(config, dataset)
     clients = [client_data(config, dataset, partition, k) for k in range(config.num_clients)]
     return Federation(config=config, dataset=dataset, partition=partition, clients=clients, spec=spec)
