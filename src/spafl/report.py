@@ -61,7 +61,7 @@ def plot_run(run_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, [r["accuracy"] for r in evaluated], marker=".", label="SpaFL accuracy (mean over clients)")
+    ax.plot(rounds, [r["accuracy"] for r in evaluated], marker=".", label="accuracy (mean over clients)")
     ax.plot(rounds, [r["accuracy_weighted"] for r in evaluated], linestyle=":", label="accuracy (sample-weighted)")
     ax.plot(rounds, [r["accuracy_majority"] for r in evaluated], linestyle="--", color="grey", label="majority-class floor")
     ax.set(xlabel="round", ylabel="test accuracy (%)", title="Personalized accuracy")
