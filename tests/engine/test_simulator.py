@@ -117,3 +117,18 @@ def test_sigkill_mid_round_then_resume_gives_identical_metrics(tmp_path):
     full_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     again_summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert {k: v for k, v in again_summary.items() if k != "seconds_total"} == {k: v for k, v in full_summary.items() if k != "seconds_total"}
+
+
+def test_record_masks_stores_packed_kept_bits_per_client_and_layer(tmp_path, synthetic):
+    _, _, sim = run(tmp_path, synthetic, record_masks=(0, 2), th_coeff=0.5)
+    import numpy as np
+
+    first = np.load(tmp_path / "run" / "masks" / "round_00000.npz")
+    last = np.load(tmp_path / "run" / "masks" / "round_00002.npz")
+    assert int(first["units/conv1"]) == 20 and first["conv1"].shape == (4, 3)  # 4 clients, 20 bits in 3 bytes
+    assert np.unpackbits(first["fc1"], axis=1, count=500).all()  # thresholds start at 0: everything kept
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    for client_id in range(4):
+        model = sim.algorithm.workspace(state["clients"][client_id]["model"])
+        kept = model.fc1.kept_units().numpy()
+        assert (np.unpackbits(last["fc1"][client_id], count=500).astype(bool) == kept).all()
