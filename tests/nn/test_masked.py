@@ -150,3 +150,16 @@ def test_threshold_get_set_round_trip_and_name_check():
     assert {k: v.tolist() for k, v in get_thresholds(model).items()} == {"0": [1.0, 2.0, 3.0], "1": [4.0]}
     with pytest.raises(ValueError, match="missing"):
         set_thresholds(model, {"0": values["0"]})
+
+
+def test_masking_off_is_a_plain_dense_layer_with_plain_gradients():
+    from spafl.nn import set_masking
+
+    layer = make_linear("identity")
+    set_masking(nn.Sequential(layer), False)
+    y = layer(torch.tensor([X], dtype=torch.float64))
+    assert y[0].tolist() == pytest.approx([0.5 - 0.6, 0.1 + 0.4])  # the pruned unit is back
+    y.sum().backward()
+    assert layer.weight.grad.tolist() == [[1.0, 2.0], [1.0, 2.0]]  # g only: no straight-through term
+    assert layer.threshold.grad is None
+    assert layer.density() == 1.0

@@ -31,7 +31,7 @@ from spafl.metrics import GIGA, evaluate_client, message_bits, summarize
 from spafl.nn import masked_layers
 from spafl.seeding import sample_clients
 
-EVAL_KEYS = ("accuracy", "accuracy_weighted", "accuracy_majority", "loss", "density", "density_weighted", "clients_evaluated")
+EVAL_KEYS = ("accuracy", "accuracy_std_clients", "accuracy_weighted", "accuracy_majority", "loss", "density", "density_weighted", "clients_evaluated")
 
 
 def configure_threads(config: Config) -> int:
@@ -206,7 +206,7 @@ def summarize_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
     sparsest = min(evaluated, key=lambda r: (r["density"], r["round"]))
     return {
         "rounds": final["round"],
-        "final": {key: final[key] for key in ("round", "accuracy", "accuracy_weighted", "accuracy_majority", "loss", "density", "density_weighted")},
+        "final": {key: final[key] for key in ("round", "accuracy", "accuracy_std_clients", "accuracy_weighted", "accuracy_majority", "loss", "density", "density_weighted")},
         "best_round": {"round": best["round"], "accuracy": best["accuracy"], "density": best["density"]},
         "lowest_density": {"round": sparsest["round"], "density": sparsest["density"], "accuracy": sparsest["accuracy"]},
         "gbit_total": final["bits_cum"] / GIGA,

@@ -67,7 +67,8 @@ def summarize(evals: list[ClientEval]) -> dict[str, float]:
     """Round metrics from per-client evaluations.
 
     ``accuracy`` and ``accuracy_majority`` are unweighted means over clients
-    that have test data (percent); ``accuracy_weighted`` pools all test
+    that have test data (percent), ``accuracy_std_clients`` the (population)
+    standard deviation of per-client accuracy; ``accuracy_weighted`` pools all test
     samples; ``loss`` is the pooled mean test cross-entropy; densities are
     means over all evaluated clients.
     """
@@ -75,8 +76,11 @@ def summarize(evals: list[ClientEval]) -> dict[str, float]:
     total = sum(e.num_test for e in with_data)
     if not with_data:
         raise ValueError("no evaluated client has test data")
+    per_client = [100.0 * e.correct / e.num_test for e in with_data]
+    mean = sum(per_client) / len(per_client)
     return {
-        "accuracy": 100.0 * sum(e.correct / e.num_test for e in with_data) / len(with_data),
+        "accuracy": mean,
+        "accuracy_std_clients": (sum((a - mean) ** 2 for a in per_client) / len(per_client)) ** 0.5,
         "accuracy_weighted": 100.0 * sum(e.correct for e in with_data) / total,
         "accuracy_majority": 100.0 * sum(e.majority_correct / e.num_test for e in with_data) / len(with_data),
         "loss": sum(e.loss_sum for e in with_data) / total,

@@ -8,6 +8,7 @@ from spafl.nn.sparsify import (
     model_density,
     num_masked_weights,
     num_thresholds,
+    set_masking,
     set_ste,
     set_thresholds,
     sparsify,
@@ -16,6 +17,6 @@ from spafl.nn.ste import STE_NAMES, step, step_derivative
 
 __all__ = [
     "COLLAPSE_FRACTION", "MaskedConv2d", "MaskedLayer", "MaskedLinear", "STE_NAMES", "get_thresholds",
-    "layer_densities", "masked_layers", "model_density", "num_masked_weights", "num_thresholds", "set_ste",
+    "layer_densities", "masked_layers", "model_density", "num_masked_weights", "num_thresholds", "set_masking", "set_ste",
     "set_thresholds", "sparsify", "step", "step_derivative",
 ]

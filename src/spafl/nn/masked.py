@@ -53,6 +53,7 @@ class MaskedLayer(nn.Module):
             raise ValueError(f"unknown straight-through estimator {ste!r}; allowed: {', '.join(STE_NAMES)}")
         self.ste = ste
         self.collapse_guard = collapse_guard
+        self.masking = True
         self.threshold = nn.Parameter(torch.zeros(self.weight.shape[0], device=self.weight.device, dtype=self.weight.dtype))
         self.register_buffer("kept_fraction", torch.ones((), device=self.weight.device, dtype=self.weight.dtype))
 
@@ -75,7 +76,9 @@ class MaskedLayer(nn.Module):
 
     @torch.no_grad()
     def kept_units(self) -> torch.Tensor:
-        """Boolean ``[out]`` tensor of kept units (no graph, no side effects)."""
+        """Boolean ``[out]`` tensor of kept units (no graph, no side effects); all with masking off."""
+        if not self.masking:
+            return torch.ones(self.num_units, dtype=torch.bool, device=self.weight.device)
         return self.weight.abs().flatten(1).mean(dim=1) - self.threshold > 0
 
     def density(self) -> float:
@@ -88,7 +91,13 @@ class MaskedLayer(nn.Module):
                 self.threshold.zero_()
 
     def masked_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(W~, b~)`` for this forward pass; updates ``kept_fraction``."""
+        """``(W~, b~)`` for this forward pass; updates ``kept_fraction``.
+
+        With ``masking`` off (dense baselines) the plain weights are used and
+        the threshold takes no part in the forward or backward pass.
+        """
+        if not self.masking:
+            return self.weight, self.bias
         self._apply_collapse_guard()
         mask = self.unit_mask()
         with torch.no_grad():

@@ -85,6 +85,13 @@ def set_ste(model: nn.Module, ste: str) -> None:
         layer.ste = ste
 
 
+def set_masking(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turn unit masking on or off in every masked layer (off: a plain dense model)."""
+    for _, layer in masked_layers(model):
+        layer.masking = enabled
+    return model
+
+
 def get_thresholds(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"<layer name>": thresholds}`` (detached clones) for every masked layer."""
     return {name: layer.threshold.detach().clone() for name, layer in masked_layers(model)}
