@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from spafl import __version__
 from spafl.errors import DivergedError, UserError
@@ -19,33 +16,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if commit.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
-        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def provenance(threads: int, checksums: dict[str, str], data_source: str) -> dict[str, Any]:
-    import torch
-
-    return {
-        "spafl_version": __version__,
-        "git_commit": _git_commit(),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "threads": threads,
-        "data_source": data_source,
-        "data_checksums_sha256": checksums,
-    }
 
 
 def _overrides(assignments: list[str] | None, data_dir: str | None) -> dict[str, str]:
@@ -60,7 +30,7 @@ def _overrides(assignments: list[str] | None, data_dir: str | None) -> dict[str,
 def cmd_run(args: argparse.Namespace) -> int:
     from spafl.config import build_config, config_from_dict
     from spafl.engine import Simulator
-    from spafl.engine.rundir import CONFIG, read_run_config, write_json_atomic
+    from spafl.engine.rundir import CONFIG, read_run_config, write_run_config
     from spafl.report import format_summary
 
     if args.resume:
@@ -79,13 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = build_config(args.preset, args.config, _overrides(args.set, args.data_dir))
     simulator = Simulator(config, run_dir, progress=not args.quiet)
     if not args.resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dataset = simulator.federation.dataset
-        write_json_atomic(run_dir / CONFIG, {
-            "preset": args.preset,
-            "config": config.to_dict(),
-            "provenance": provenance(simulator.threads, dataset.checksums, dataset.source),
-        })
+        write_run_config(run_dir, config, args.preset, simulator)
     try:
         summary = simulator.run(resume=bool(args.resume))
     except KeyboardInterrupt:
@@ -96,10 +60,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from spafl.report import report
+    from spafl.report import plot_patterns, report
 
     print(report(args.runs))
     print(f"plots written: accuracy.png, density.png, communication.png in {', '.join(args.runs)}")
+    if args.patterns:
+        for run_dir in args.runs:
+            print(f"sparsity patterns: {plot_patterns(run_dir, args.patterns)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from spafl.compare import TABLE_HEADER, compare
+
+    rows = compare(args.preset, args.methods, args.out, args.seeds, _overrides(args.set, args.data_dir), args.config,
+                   progress=not args.quiet, log=lambda line: print(line, file=sys.stderr))
+    print((Path(args.out) / "table.md").read_text())
+    print(f"written: {args.out}/table.csv ({', '.join(TABLE_HEADER[:3])}, ...), table.md, accuracy.png, communication.png, density.png")
     return 0
 
 
@@ -147,7 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = commands.add_parser("report", help="summary table and plots of run directories")
     rep.add_argument("runs", nargs="+", metavar="DIR")
+    rep.add_argument("--patterns", metavar="LAYER", help="also draw kept/pruned units of LAYER per client at the rounds in record_masks")
     rep.set_defaults(handler=cmd_report)
+
+    cmp_ = commands.add_parser("compare", help="run several methods on one partition and sampling sequence; tables and figures")
+    cmp_.add_argument("--preset", help="named settings; see `spafl presets`")
+    cmp_.add_argument("--methods", required=True, help="comma-separated: spafl,fedavg,local,spafl:key=value[:key=value]")
+    cmp_.add_argument("--out", required=True, help="directory for the runs, table.csv, table.md and figures")
+    cmp_.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    cmp_.add_argument("--config", help="TOML file of flat config keys")
+    cmp_.add_argument("--data-dir", help="directory holding the dataset files (authoritative)")
+    cmp_.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key for every method")
+    cmp_.add_argument("--quiet", action="store_true", help="no progress display")
+    cmp_.set_defaults(handler=cmd_compare)
 
     keys = commands.add_parser("keys", help="list every config key, its default and allowed values")
     keys.set_defaults(handler=cmd_keys)

@@ -42,7 +42,7 @@ def _int_list(doc: str) -> Any:
     return field(default_factory=tuple, metadata={"doc": doc, "list": True})
 
 
-METHODS = ("spafl",)
+METHODS = ("spafl", "fedavg", "local")
 DATASETS = ("fmnist", "cifar10", "cifar100", "synthetic")
 MODEL_NAMES = ("lenet5", "conv4", "resnet18", "vit")
 
@@ -160,9 +160,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _unknown_key(key: str, where: str) -> UserError:
-    close = difflib.get_close_matches(key, FIELDS, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; run `spafl keys` to list all keys"
-    return UserError(f"unknown config key {key!r} {where}{hint}")
+    close = difflib.get_close_matches(key, FIELDS, n=3, cutoff=0.7)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `spafl keys` lists every key"
+    location = f" {where}" if where else ""
+    return UserError(f"unknown config key {key!r}{location}{hint}")
 
 
 def _parse_bool(key: str, raw: Any) -> bool:

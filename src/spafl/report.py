@@ -101,3 +101,32 @@ def report(run_dirs: list[str]) -> str:
         summaries[str(run_dir)] = summarize_run(rows)
         plot_run(run_dir, rows)
     return table(summaries)
+
+
+def plot_patterns(run_dir: str | Path, layer: str) -> Path:
+    """Kept (dark) / pruned (light) units of ``layer``: rows = units, columns = clients, one panel per recorded round."""
+    import numpy as np
+
+    files = sorted((Path(run_dir) / "masks").glob("round_*.npz"))
+    if not files:
+        raise UserError(f"{run_dir} has no recorded masks; run with --set record_masks=ROUND[,ROUND...]")
+    panels = []
+    for path in files:
+        with np.load(path) as saved:
+            if layer not in saved:
+                names = sorted(k for k in saved.files if not k.startswith("units/"))
+                raise UserError(f"layer {layer!r} was not recorded; recorded layers: {', '.join(names)}")
+            units = int(saved[f"units/{layer}"])
+            kept = np.unpackbits(saved[layer], axis=1, count=units).astype(bool)  # [clients, units]
+        panels.append((int(path.stem.split("_")[1]), kept.T))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for ax, (round_number, kept) in zip(axes[0], panels):
+        ax.imshow(kept, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        ax.set(title=f"round {round_number}: {kept.mean():.0%} kept", xlabel="client", ylabel=f"{layer} unit")
+    fig.suptitle(f"{layer}: kept (dark) and pruned (light) units per client")
+    return _save(fig, Path(run_dir) / f"patterns_{layer.replace('.', '_')}.png")

@@ -78,6 +78,32 @@ def round_lr(lr: float, lr_decay: float, lr_min: float, round_index: int) -> flo
     return max(lr * lr_decay**round_index, lr_min)
 
 
+def client_optimizer(parameters, config, client: State, round_index: int) -> torch.optim.Optimizer:
+    """SGD at round ``round_index``'s lr; with ``optimizer_scope=persistent`` it resumes the client's saved state.
+
+    The saved state is ``client["optimizer"]`` (None before the client's
+    first round); the saved lr is overridden by the round's lr.
+    """
+    c = config
+    lr = round_lr(c.lr, c.lr_decay, c.lr_min, round_index)
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    if c.optimizer_scope == "persistent" and client.get("optimizer") is not None:
+        optimizer.load_state_dict(client["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return optimizer
+
+
+def export_optimizer(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict with every tensor copied to the CPU (for the client state)."""
+    saved = optimizer.state_dict()
+    saved["state"] = {
+        index: {key: (value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value) for key, value in slot.items()}
+        for index, slot in saved["state"].items()
+    }
+    return saved
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -209,23 +235,11 @@ class SpaFL(Algorithm):
 
     # -- local training --------------------------------------------------------
     def _optimizer(self, model: nn.Module, client: State, round_index: int) -> torch.optim.Optimizer:
-        c = self.config
-        lr = round_lr(c.lr, c.lr_decay, c.lr_min, round_index)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        if c.optimizer_scope == "persistent" and client.get("optimizer") is not None:
-            optimizer.load_state_dict(client["optimizer"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        return optimizer
+        return client_optimizer(model.parameters(), self.config, client, round_index)
 
     @staticmethod
     def _export_optimizer(optimizer: torch.optim.Optimizer) -> dict:
-        saved = optimizer.state_dict()
-        saved["state"] = {
-            index: {key: (value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value) for key, value in slot.items()}
-            for index, slot in saved["state"].items()
-        }
-        return saved
+        return export_optimizer(optimizer)
 
     def client_update(self, client, message, data, task):
         c = self.config

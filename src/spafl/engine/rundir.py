@@ -53,3 +53,17 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         return data["config"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{path} is unreadable or not a spafl run config") from None
+
+
+def write_run_config(run_dir: Path, config, preset: str | None, simulator) -> None:
+    """config.json: the resolved config plus provenance (versions, commit, threads, data checksums)."""
+    from spafl.provenance import provenance
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dataset = simulator.federation.dataset
+    write_json_atomic(run_dir / CONFIG, {
+        "preset": preset,
+        "config": config.to_dict(),
+        "provenance": provenance(simulator.threads, dataset.checksums, dataset.source),
+    })

@@ -1,0 +1,329 @@
+"""`spafl compare`: several methods on one partition and one client-sampling sequence per seed.
+
+The partition depends only on the data settings and the seed, and client
+sampling only on (seed, round), so every method of a seed sees the same
+clients holding the same samples in the same rounds. Each method/seed gets
+an ordinary run directory (``DIR/<method>/seed<S>``) that ``spafl report``
+reads; rerunning the same command skips finished runs and resumes
+unfinished ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spafl.config import FIELDS, METHODS, Config, build_config, coerce, config_from_dict
+from spafl.engine.rundir import CONFIG, METRICS, SUMMARY, read_metrics, read_run_config, write_run_config
+from spafl.errors import UserError
+
+TABLE_HEADER = [
+    "method", "seeds", "accuracy_mean", "accuracy_std_clients", "accuracy_std_seeds", "accuracy_best_round",
+    "density", "density_weighted", "gbit_total", "flops_total", "seconds",
+]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as written on the command line: ``name[:key=value[:key=value]]``."""
+
+    label: str
+    method: str
+    overrides: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.label.replace(":", "__"))
+
+
+def parse_method(text: str) -> MethodSpec:
+    name, *assignments = text.strip().split(":")
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r} in --methods; methods: {', '.join(METHODS)}")
+    overrides = []
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            raise UserError(f"method {text!r}: expected name:key=value[:key=value], got {assignment!r}")
+        if key in ("method", "seed"):
+            raise UserError(f"method {text!r}: {key} cannot be overridden per method")
+        overrides.append((key, coerce(key, value)))  # unknown keys and bad values fail here
+    return MethodSpec(label=text.strip(), method=name, overrides=tuple(overrides))
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    specs = [parse_method(part) for part in text.split(",") if part.strip()]
+    if not specs:
+        raise UserError("--methods needs at least one method, e.g. --methods spafl,fedavg,local")
+    labels = [spec.label for spec in specs]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--methods lists a method twice: {labels}")
+    return specs
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def run_config(preset: str | None, config_file: str | None, overrides: dict[str, Any], spec: MethodSpec, seed: int | None) -> Config:
+    values = {**overrides, **dict(spec.overrides), "method": spec.method}
+    if seed is not None:
+        values["seed"] = seed
+    return build_config(preset, config_file, values)
+
+
+def _finished(run_dir: Path, config: Config) -> bool:
+    summary = run_dir / SUMMARY
+    if not summary.exists():
+        return False
+    rows = read_metrics(run_dir / METRICS)
+    return bool(rows) and rows[-1]["round"] == config.rounds
+
+
+def run_all(
+    preset: str | None, methods: list[MethodSpec], out: Path, seeds: list[int] | None = None,
+    overrides: dict[str, Any] | None = None, config_file: str | None = None, progress: bool = True, log=print,
+) -> dict[str, dict[int, Path]]:
+    """Run (or resume, or skip) every method for every seed; returns method label -> seed -> run dir."""
+    from spafl.engine import Simulator
+    from spafl.engine.federation import build_federation
+
+    overrides = dict(overrides or {})
+    base = build_config(preset, config_file, overrides)
+    seeds = seeds or [base.seed]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets: dict[tuple[str, str], Any] = {}
+    runs: dict[str, dict[int, Path]] = {}
+    for seed in seeds:
+        for spec in methods:
+            config = run_config(preset, config_file, overrides, spec, seed)
+            run_dir = out / spec.slug / f"seed{seed}"
+            runs.setdefault(spec.label, {})[seed] = run_dir
+            resume = (run_dir / CONFIG).exists()
+            if resume:
+                saved = config_from_dict(read_run_config(run_dir))
+                if saved != config:
+                    changed = [k for k in FIELDS if getattr(saved, k) != getattr(config, k)]
+                    raise UserError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); use another --out")
+                if _finished(run_dir, config):
+                    log(f"{spec.label} seed {seed}: finished earlier, skipped")
+                    continue
+            key = (config.dataset, config.data_dir)
+            if key not in datasets:
+                from spafl.data import load_dataset
+
+                datasets[key] = load_dataset(config.dataset, config.data_dir or None)
+            federation = build_federation(config, datasets[key])
+            simulator = Simulator(config, run_dir, federation=federation, progress=progress)
+            if not resume:
+                write_run_config(run_dir, config, preset, simulator)
+            log(f"{spec.label} seed {seed}: {'resuming' if resume else 'running'} into {run_dir}")
+            simulator.run(resume=resume)
+    return runs
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def table_rows(runs: dict[str, dict[int, Path]]) -> list[dict[str, Any]]:
+    rows = []
+    for label, by_seed in runs.items():
+        summaries = [json.loads((run_dir / SUMMARY).read_text()) for run_dir in by_seed.values()]
+        finals = [s["final"] for s in summaries]
+        rows.append({
+            "method": label,
+            "seeds": len(summaries),
+            "accuracy_mean": _mean([f["accuracy"] for f in finals]),
+            "accuracy_std_clients": _mean([f["accuracy_std_clients"] for f in finals]),
+            "accuracy_std_seeds": _std([f["accuracy"] for f in finals]),
+            "accuracy_best_round": _mean([s["best_round"]["accuracy"] for s in summaries]),
+            "density": _mean([f["density"] for f in finals]),
+            "density_weighted": _mean([f["density_weighted"] for f in finals]),
+            "gbit_total": _mean([s["gbit_total"] for s in summaries]),
+            "flops_total": _mean([s["flops_total"] for s in summaries]),
+            "seconds": _mean([s["seconds_total"] for s in summaries]),
+            "_majority": _mean([f["accuracy_majority"] for f in finals]),
+        })
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(TABLE_HEADER)
+        for row in rows:
+            writer.writerow(["" if row[key] is None else (f"{row[key]:.6g}" if isinstance(row[key], float) else row[key]) for key in TABLE_HEADER])
+
+
+def markdown(rows: list[dict[str, Any]], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| Method | Accuracy (%) | ± clients | ± seeds | Best round (%) | Density | Density (weighted) | Comm. (Gbit) | Training FLOPs | Time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        seeds = "" if r["accuracy_std_seeds"] is None else f"{r['accuracy_std_seeds']:.2f}"
+        lines.append(
+            f"| {r['method']} | {r['accuracy_mean']:.2f} | {r['accuracy_std_clients']:.2f} | {seeds} | {r['accuracy_best_round']:.2f} | "
+            f"{r['density']:.3f} | {r['density_weighted']:.3f} | {r['gbit_total']:.4g} | {r['flops_total']:.3g} | {r['seconds']:.0f} |"
+        )
+    floor = _mean([r["_majority"] for r in rows])
+    lines += [
+        "",
+        "Accuracy: final round, mean over clients of each client's accuracy on its own test split (± clients: its spread over "
+        "clients; ± seeds: spread of the mean over seeds). Best round is labelled as such. Density: layer-mean kept fraction "
+        "(weighted: kept/all masked weights). Communication: payload bits of all messages, both directions. FLOPs: the reference's "
+        "training count, summed over clients and divided by N.",
+        "",
+        f"Majority-class floor (each client always answers its most frequent training class): {floor:.2f} %.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _curves(runs: dict[str, dict[int, Path]]) -> dict[str, list[list[dict[str, Any]]]]:
+    return {label: [read_metrics(run_dir / METRICS) for run_dir in by_seed.values()] for label, by_seed in runs.items()}
+
+
+def _mean_curve(per_seed: list[list[dict[str, Any]]], key: str, evaluated_only: bool = True) -> tuple[list[float], list[float]]:
+    rounds = [r["round"] for r in per_seed[0] if r["evaluated"] or not evaluated_only]
+    by_round = [{r["round"]: r for r in rows} for rows in per_seed]
+    xs, ys = [], []
+    for number in rounds:
+        values = [rows[number][key] for rows in by_round if number in rows]
+        if len(values) == len(by_round):
+            xs.append(number)
+            ys.append(_mean(values))
+    return xs, ys
+
+
+def plot(runs: dict[str, dict[int, Path]], out: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = _curves(runs)
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, per_seed in curves.items():
+        xs, ys = _mean_curve(per_seed, "accuracy")
+        ax.plot(xs, ys, marker=".", label=label)
+    floor = _mean([r["_majority"] for r in rows])
+    ax.axhline(floor, color="grey", linestyle="--", label="majority-class floor")
+    ax.set(xlabel="round", ylabel="accuracy (%), mean over clients", title="Learning curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out / "accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    silent = []
+    for label, per_seed in curves.items():
+        evaluated = [r for r in per_seed[0] if r["evaluated"] and r["bits_cum"] > 0]
+        if not evaluated:
+            silent.append(label)
+            continue
+        xs, accuracy = _mean_curve(per_seed, "accuracy")
+        _, bits = _mean_curve(per_seed, "bits_cum")
+        points = [(b / 1e9, a) for b, a in zip(bits, accuracy) if b > 0]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
+    ax.set_xscale("log")
+    title = "Accuracy vs communication"
+    if silent:
+        title += f" (no communication: {', '.join(silent)})"
+    ax.set(xlabel="cumulative communication (Gbit, log scale)", ylabel="accuracy (%)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out / "communication.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, per_seed in curves.items():
+        xs, ys = _mean_curve(per_seed, "density")
+        ax.plot(xs, ys, marker=".", label=label)
+    ax.set(xlabel="round", ylabel="density (layer-mean kept fraction)", title="Model density", ylim=(0, 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out / "density.png"))
+    return written
+
+
+def plot_tradeoff(methods: list[MethodSpec], rows: list[dict[str, Any]], out: Path, th_coeff: float) -> Path | None:
+    """Final accuracy vs density, one point per th_coeff (FedAvg as a reference line).
+
+    Points are the SpaFL entries that differ only in ``th_coeff`` (plain
+    ``spafl`` runs at the configured ``th_coeff``); drawn when there are at
+    least two distinct values.
+    """
+    points = []
+    by_label = {r["method"]: r for r in rows}
+    for spec in methods:
+        overrides = dict(spec.overrides)
+        if spec.method == "spafl" and set(overrides) <= {"th_coeff"}:
+            points.append((overrides.get("th_coeff", th_coeff), by_label[spec.label]))
+    if len({coeff for coeff, _ in points}) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points.sort(key=lambda p: p[0])
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot([p[1]["density"] for p in points], [p[1]["accuracy_mean"] for p in points], marker="o")
+    for coeff, row in points:
+        ax.annotate(f"th_coeff={coeff:g}", (row["density"], row["accuracy_mean"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    fedavg = [r for r in rows if r["method"] == "fedavg"]
+    if fedavg:
+        ax.axhline(fedavg[0]["accuracy_mean"], color="grey", linestyle="--", label="FedAvg (dense)")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="final density (layer-mean)", ylabel="final accuracy (%)", title="SpaFL: sparsity vs accuracy")
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "tradeoff.png")
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(
+    preset: str | None, methods_text: str, out: str | Path, seeds_text: str | None = None,
+    overrides: dict[str, Any] | None = None, config_file: str | None = None, progress: bool = True, log=print,
+) -> list[dict[str, Any]]:
+    """Run everything, then write table.csv, table.md and the figures into ``out``."""
+    methods = parse_methods(methods_text)
+    seeds = parse_seeds(seeds_text)
+    out = Path(out)
+    runs = run_all(preset, methods, out, seeds, overrides, config_file, progress, log)
+    rows = table_rows(runs)
+    write_csv(out / "table.csv", rows)
+    (out / "table.md").write_text(markdown(rows, f"{preset or 'custom'}: {len(next(iter(runs.values())))} seed(s)"))
+    plot(runs, out, rows)
+    plot_tradeoff(methods, rows, out, build_config(preset, config_file, overrides).th_coeff)
+    return rows
