@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from spafl.cli import main
 

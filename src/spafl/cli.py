@@ -73,8 +73,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from spafl.compare import TABLE_HEADER, compare
 
-    rows = compare(args.preset, args.methods, args.out, args.seeds, _overrides(args.set, args.data_dir), args.config,
-                   progress=not args.quiet, log=lambda line: print(line, file=sys.stderr))
+    compare(args.preset, args.methods, args.out, args.seeds, _overrides(args.set, args.data_dir), args.config,
+            progress=not args.quiet, log=lambda line: print(line, file=sys.stderr))
     print((Path(args.out) / "table.md").read_text())
     print(f"written: {args.out}/table.csv ({', '.join(TABLE_HEADER[:3])}, ...), table.md, accuracy.png, communication.png, density.png")
     return 0

@@ -226,11 +226,12 @@ def plot(runs: dict[str, dict[int, Path]], out: Path, rows: list[dict[str, Any]]
     import matplotlib.pyplot as plt
 
     curves = _curves(runs)
+    color = {label: f"C{index % 10}" for index, label in enumerate(curves)}  # one colour per method in every figure
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, per_seed in curves.items():
         xs, ys = _mean_curve(per_seed, "accuracy")
-        ax.plot(xs, ys, marker=".", label=label)
+        ax.plot(xs, ys, marker=".", label=label, color=color[label])
     floor = _mean([r["_majority"] for r in rows])
     ax.axhline(floor, color="grey", linestyle="--", label="majority-class floor")
     ax.set(xlabel="round", ylabel="accuracy (%), mean over clients", title="Learning curves")
@@ -248,7 +249,7 @@ def plot(runs: dict[str, dict[int, Path]], out: Path, rows: list[dict[str, Any]]
         xs, accuracy = _mean_curve(per_seed, "accuracy")
         _, bits = _mean_curve(per_seed, "bits_cum")
         points = [(b / 1e9, a) for b, a in zip(bits, accuracy) if b > 0]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label, color=color[label])
     ax.set_xscale("log")
     title = "Accuracy vs communication"
     if silent:
@@ -261,7 +262,7 @@ def plot(runs: dict[str, dict[int, Path]], out: Path, rows: list[dict[str, Any]]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, per_seed in curves.items():
         xs, ys = _mean_curve(per_seed, "density")
-        ax.plot(xs, ys, marker=".", label=label)
+        ax.plot(xs, ys, marker=".", label=label, color=color[label])
     ax.set(xlabel="round", ylabel="density (layer-mean kept fraction)", title="Model density", ylim=(0, 1.05))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

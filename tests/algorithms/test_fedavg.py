@@ -6,14 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from spafl.algorithms import ALGORITHMS, ClientData, ClientTask, FedAvg, ModelSpec, Reply
+from spafl.algorithms import ALGORITHMS, ClientTask, FedAvg, ModelSpec, Reply
 from spafl.config import build_config
-from spafl.data import preprocess_for
 from spafl.engine import Simulator
 from spafl.engine.federation import build_federation
 from spafl.metrics import message_bits
 from spafl.nn import MaskedLinear, masked_layers
-from tests.engine.conftest import small_config, synthetic  # noqa: F401  (synthetic is a fixture)
+from tests.helpers import small_config
+
+from .tiny import TinyWithBias as TinyClassifier
+from .tiny import tiny_data
 
 LENET_WEIGHTS = 430_500
 LENET_MACS = 20 * 25 * 24 * 24 + 50 * 500 * 8 * 8 + 800 * 500 + 500 * 10  # conv1, conv2, fc1, fc2 per sample
@@ -28,16 +30,6 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.norm(self.fc1(x.flatten(1)))))
-
-
-class TinyClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = MaskedLinear(4, 3, bias=True)
-        self.fc2 = MaskedLinear(3, 2, bias=True)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
 def fedavg(factory=Tiny, input_shape=(1, 1, 2), **overrides):
@@ -107,13 +99,6 @@ def test_validate_reply_rejects_wrong_names_shapes_dtypes_and_non_finite_values(
     assert "shape" in algo.validate_reply(server, Reply(0, {**good, "weights/fc1.bias": torch.zeros(3)}, 5))
     assert "dtype" in algo.validate_reply(server, Reply(0, {**good, "weights/fc1.bias": torch.zeros(2, dtype=torch.float64)}, 5))
     assert "non-finite" in algo.validate_reply(server, Reply(0, {**good, "weights/fc1.bias": torch.tensor([0.0, float("nan")])}, 5))
-
-
-def tiny_data(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 1, 2, 2), generator=g, dtype=torch.uint8)
-    y = (x.flatten(1).float().mean(1) > 127).long()
-    return ClientData(x, y, x[:4], y[:4], preprocess_for("synthetic", "normalized"), 2)
 
 
 def test_client_update_trains_every_weight_densely_and_keeps_thresholds():

@@ -4,34 +4,16 @@ import json
 
 import torch
 
-from spafl.algorithms import ALGORITHMS, ClientData, ClientTask, Local, ModelSpec, Reply
+from spafl.algorithms import ALGORITHMS, ClientTask, Local, Reply
 from spafl.config import build_config
-from spafl.data import preprocess_for
 from spafl.engine import Simulator
 from spafl.engine.federation import build_federation
 from spafl.metrics import message_bits
-from spafl.nn import MaskedLinear, masked_layers
-from tests.engine.conftest import small_config, synthetic  # noqa: F401  (synthetic is a fixture)
+from spafl.nn import masked_layers
+from tests.helpers import small_config
 
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = MaskedLinear(4, 3, bias=True)
-        self.fc2 = MaskedLinear(3, 2, bias=True)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-
-SPEC = ModelSpec(factory=Tiny, input_shape=(1, 2, 2), num_classes=2)
-
-
-def tiny_data(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 1, 2, 2), generator=g, dtype=torch.uint8)
-    y = (x.flatten(1).float().mean(1) > 127).long()
-    return ClientData(x, y, x[:4], y[:4], preprocess_for("synthetic", "normalized"), 2)
+from .tiny import SPEC_WITH_BIAS as SPEC
+from .tiny import tiny_data
 
 
 def local(**overrides):

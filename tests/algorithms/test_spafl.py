@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from spafl.algorithms import ClientData, ClientTask, ModelSpec, Reply, SpaFL
+from spafl.algorithms import ClientTask, Reply, SpaFL
 from spafl.algorithms.spafl import importance_update, round_lr, threshold_penalty_coefficient
 from spafl.config import build_config
-from spafl.data import preprocess_for
 from spafl.metrics import message_bits
 from spafl.nn import MaskedConv2d, MaskedLinear, masked_layers
+
+from .tiny import SPEC, Tiny, tiny_data
 
 
 def tiny_linear():
@@ -56,26 +57,6 @@ def test_penalty_warmup_and_lr_schedule():
 
 
 # -- the full algorithm on a tiny model -------------------------------------------------
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = MaskedLinear(4, 3)
-        self.fc2 = MaskedLinear(3, 2)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-
-SPEC = ModelSpec(factory=Tiny, input_shape=(1, 2, 2), num_classes=2)
-
-
-def tiny_data(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 1, 2, 2), generator=g, dtype=torch.uint8)
-    y = (x.flatten(1).float().mean(1) > 127).long()
-    return ClientData(x, y, x[:4], y[:4], preprocess_for("synthetic", "normalized"), 2)
-
 
 def algorithm(**overrides):
     config = build_config("fmnist-paper", overrides={"local_epochs": 1, "batch_size": 4, "lr": 0.1, **overrides})

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from spafl.data import DATASETS, Dataset, load_dataset, synthetic_dataset
-from spafl.data.cifar import load_cifar
 from spafl.data.fmnist import load_fmnist
 from spafl.data.synthetic import fake_cifar_members, write_fake_cifar, write_fake_fmnist
 from spafl.errors import UserError

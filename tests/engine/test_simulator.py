@@ -14,7 +14,7 @@ from spafl.engine import Simulator
 from spafl.engine.federation import build_federation
 from spafl.seeding import sample_clients
 
-from .conftest import small_config
+from tests.helpers import small_config
 
 LENET_THRESHOLDS = 580
 

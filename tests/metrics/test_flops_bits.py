@@ -1,6 +1,5 @@
 """FLOPs and bits against hand computations (SPEC §7)."""
 
-import pytest
 import torch
 from torch import nn
 

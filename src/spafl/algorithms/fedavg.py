@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spafl.algorithms.base import Algorithm, ClientData, ClientResult, ClientTask, Message, Reply, State
+from spafl.algorithms.base import Algorithm, ClientData, ClientResult, ClientTask, Message, State
 from spafl.algorithms.spafl import client_optimizer, pack, train_local, unpack
 from spafl.metrics.flops import batches_per_epoch, dense_macs_per_sample, training_flops
 from spafl.nn import masked_layers, set_masking

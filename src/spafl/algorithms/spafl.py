@@ -18,14 +18,15 @@ where the importance update needs it).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spafl.algorithms.base import Algorithm, ClientData, ClientResult, ClientTask, Message, Reply, State
+from spafl.algorithms.base import Algorithm, ClientData, ClientResult, ClientTask, Message, State
 from spafl.metrics.flops import batches_per_epoch, dense_macs_per_sample, training_flops
-from spafl.nn import MaskedLayer, get_thresholds, masked_layers, model_density, num_masked_weights, set_thresholds
+from spafl.nn import get_thresholds, masked_layers, num_masked_weights, set_thresholds
 from spafl.seeding import generator
 
 THRESHOLDS = "thresholds/"
@@ -119,7 +120,7 @@ def train_local(
     device: torch.device,
     grad_clip: float,
     penalty: float = 0.0,
-    thresholds_trainable: "callable | None" = None,
+    thresholds_trainable: Callable[[int], bool] | None = None,
     threshold_clip: float = 0.0,
 ) -> tuple[float, int]:
     """Minibatch SGD over the client's data; returns (mean CE loss, batches run).
