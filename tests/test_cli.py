@@ -129,5 +129,9 @@ def test_keys_and_presets_listing(capsys):
     listing = capsys.readouterr().out
     for key in ("importance_delta", "threshold_schedule", "optimizer_scope", "frozen_weights", "pixels"):
         assert key in listing
+    assert main(["keys", "--method", "fedavg"]) == 0
+    fedavg_keys = capsys.readouterr().out
+    assert "\nlr = " in fedavg_keys and "th_coeff" not in fedavg_keys and "importance_update" not in fedavg_keys
+    fails(capsys, ["keys", "--method", "fedprox"], "unknown method 'fedprox'")
     assert main(["presets"]) == 0
     assert "fmnist-quick" in capsys.readouterr().out

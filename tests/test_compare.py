@@ -22,11 +22,15 @@ def test_method_override_parsing():
     assert [s.label for s in parse_methods("spafl, spafl:th_coeff=0.1")] == ["spafl", "spafl:th_coeff=0.1"]
     for bad, message in [("spafl:bogus=1", "unknown config key 'bogus'"), ("sparse", "unknown method 'sparse'"),
                          ("spafl:th_coeff=abc", "th_coeff must be a number"), ("spafl:seed=3", "cannot be overridden"),
-                         ("spafl:off", "expected name:key=value")]:
+                         ("spafl:off", "expected name:key=value"),
+                         ("fedavg:th_coeff=0.1", "fedavg does not use th_coeff"),
+                         ("local:importance_update=off", "local does not use importance_update")]:
         with pytest.raises(UserError, match=message):
             parse_method(bad)
     with pytest.raises(UserError, match="twice"):
         parse_methods("spafl,spafl")
+    assert parse_method("local:optimizer_scope=per_round").overrides == (("optimizer_scope", "per_round"),)
+    assert parse_method("fedavg:lr=0.05").overrides == (("lr", 0.05),)
     assert parse_seeds("1,2,3") == [1, 2, 3]
     with pytest.raises(UserError, match="distinct"):
         parse_seeds("1,1")

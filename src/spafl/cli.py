@@ -83,7 +83,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from spafl.config import describe_keys
 
-    print(describe_keys())
+    if args.method is None:
+        print(describe_keys())
+        return 0
+    from spafl.algorithms import ALGORITHMS
+
+    if args.method not in ALGORITHMS:
+        raise UserError(f"unknown method {args.method!r}; methods: {', '.join(ALGORITHMS)}")
+    print(describe_keys(ALGORITHMS[args.method].keys()))
     return 0
 
 
@@ -139,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.set_defaults(handler=cmd_compare)
 
     keys = commands.add_parser("keys", help="list every config key, its default and allowed values")
+    keys.add_argument("--method", help="only the keys this method reads")
     keys.set_defaults(handler=cmd_keys)
 
     presets = commands.add_parser("presets", help="list the presets")

@@ -53,6 +53,10 @@ def parse_method(text: str) -> MethodSpec:
         if key in ("method", "seed"):
             raise UserError(f"method {text!r}: {key} cannot be overridden per method")
         overrides.append((key, coerce(key, value)))  # unknown keys and bad values fail here
+        from spafl.algorithms import ALGORITHMS
+
+        if key not in ALGORITHMS[name].keys():
+            raise UserError(f"method {text!r}: {name} does not use {key}; `spafl keys --method {name}` lists its keys")
     return MethodSpec(label=text.strip(), method=name, overrides=tuple(overrides))
 
 

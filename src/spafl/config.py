@@ -291,10 +291,12 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return validate(Config(**values))
 
 
-def describe_keys() -> str:
-    """Human-readable list of every key with its default and allowed values."""
+def describe_keys(only: frozenset[str] | None = None) -> str:
+    """Human-readable list of every key (or those in ``only``) with its default and allowed values."""
     lines = []
     for name, spec in FIELDS.items():
+        if only is not None and name not in only:
+            continue
         default = getattr(Config(), name)
         allowed = spec.metadata.get("choices")
         extra = f" [{' | '.join(allowed)}]" if allowed else ""

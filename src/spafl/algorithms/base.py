@@ -36,6 +36,14 @@ from spafl.seeding import derive_seed
 Message = dict[str, torch.Tensor]
 State = dict[str, Any]
 
+#: Config keys every algorithm reads: data, federation, local SGD, running.
+COMMON_KEYS = frozenset({
+    "method", "dataset", "model", "rounds", "num_clients", "clients_per_round", "partition", "alpha",
+    "min_client_samples", "local_epochs", "batch_size", "lr", "lr_decay", "lr_min", "momentum", "weight_decay",
+    "grad_clip", "pixels", "augment", "data_dir", "seed", "eval_every", "eval_batch_size", "checkpoint_every",
+    "device", "threads", "record_masks",
+})
+
 
 @dataclass
 class ClientData:
@@ -102,6 +110,13 @@ class Algorithm(ABC):
     """Base class: holds the config and one reusable model workspace."""
 
     name: ClassVar[str]
+    #: The config keys this algorithm reads beyond :data:`COMMON_KEYS` (its own hyperparameters).
+    own_keys: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def keys(cls) -> frozenset[str]:
+        """Every config key that changes what this algorithm does."""
+        return COMMON_KEYS | cls.own_keys
 
     def __init__(self, config: Config, spec: ModelSpec) -> None:
         self.config = config

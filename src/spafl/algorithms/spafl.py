@@ -174,6 +174,10 @@ class SpaFL(Algorithm):
     """SpaFL: personalized structured-sparse models, thresholds-only communication."""
 
     name = "spafl"
+    own_keys = frozenset({
+        "optimizer_scope", "th_coeff", "th_coeff_warmup", "ste", "threshold_schedule", "importance_update",
+        "importance_sign", "importance_delta", "aggregation_weighting", "frozen_weights", "collapse_guard", "threshold_clip",
+    })
 
     def __init__(self, config, spec) -> None:
         super().__init__(config, spec)
