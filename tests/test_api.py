@@ -30,6 +30,10 @@ def test_run_on_own_model_and_float_arrays(tmp_path):
     assert rows[1]["bits_up"] == 4 * 35 * 32 and rows[1]["bits_down"] == 2 * 4 * 35 * 32
     assert summary["final"]["accuracy"] > 80  # separable classes: clearly learned
     assert json.loads((tmp_path / "mine" / "config.json").read_text())["config"]["rounds"] == 3
+    # The CLI cannot rebuild a user's model and arrays: it refuses and says how to resume.
+    from spafl.cli import main
+
+    assert main(["run", "--resume", str(tmp_path / "mine")]) == 2
 
 
 def test_a_model_without_masked_layers_is_refused(tmp_path):

@@ -42,7 +42,7 @@ def truncate_metrics(path: Path, last_round: int) -> None:
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """The resolved config saved in a run directory; UserError if it is not a run."""
+    """The resolved config saved in a run directory; UserError if it is not a run (or not resumable from the CLI)."""
     path = Path(run_dir) / CONFIG
     if not Path(run_dir).is_dir():
         raise UserError(f"{run_dir} is not a directory; expected a run directory written by `spafl run`")
@@ -50,9 +50,12 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"{run_dir} is not a spafl run directory (no {CONFIG})")
     try:
         data = json.loads(path.read_text())
-        return data["config"]
+        config = data["config"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{path} is unreadable or not a spafl run config") from None
+    if (data.get("provenance") or {}).get("data_source") == "arrays":
+        raise UserError(f"{run_dir} was started from Python with your own model and arrays; resume it with spafl.run(..., resume=True)")
+    return config
 
 
 def write_run_config(run_dir: Path, config, preset: str | None, simulator) -> None:
