@@ -1,4 +1,4 @@
-"""The `spafl` command line: run, resume, report, keys, presets, fetch-data."""
+"""The `spafl` command line: run, resume, report, keys, presets, fetch-data, deploy-local."""
 
 from __future__ import annotations
 
@@ -114,6 +114,43 @@ def cmd_fetch_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    import signal
+
+    from spafl.flower.deploy import DeployError, deploy_local
+    from spafl.report import format_summary
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(f"deploy-local: {line}", file=sys.stderr, flush=True)
+
+    def on_line(line: str) -> None:
+        print(f"  | {line}", file=sys.stderr, flush=True)
+
+    def interrupt(signum, frame):  # SIGTERM/SIGHUP: clean up like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        summary = deploy_local(
+            args.out, args.nodes, rounds=args.rounds, preset=args.preset, assignments=_overrides(args.set, None),
+            tls=args.tls, auth=args.auth, round_timeout=args.round_timeout, data_dir=args.data_dir,
+            timeout=args.timeout, log=say, on_line=None if args.quiet else on_line,
+        )
+    except KeyboardInterrupt:
+        print(f"\nspafl: deploy-local interrupted; every Flower process was stopped (logs in {args.out}/logs)", file=sys.stderr)
+        return 130
+    except DeployError as error:
+        print(f"spafl: deploy-local failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(format_summary(args.out, summary))
+    print(f"logs: {args.out}/logs (superlink.log, supernode-<i>.log, serverapp.log, flwr-cli.log)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spafl", description="SpaFL: federated learning with trainable structured-sparsity thresholds.")
     parser.add_argument("--version", action="version", version=f"spafl {__version__}")
@@ -157,6 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("dataset", choices=("fmnist", "cifar10", "cifar100"))
     fetch.add_argument("--data-dir", help="look only here")
     fetch.set_defaults(handler=cmd_fetch_data)
+
+    deploy = commands.add_parser(
+        "deploy-local", help="run the Flower app on a local SuperLink and N SuperNodes (127.0.0.1)",
+        description="Start a Flower SuperLink and N SuperNodes on 127.0.0.1 (one client per SuperNode), run the "
+        "spafl Flower app with `flwr run`, write metrics.jsonl/summary.json to DIR, stop every process.",
+    )
+    deploy.add_argument("--nodes", type=int, required=True, metavar="N", help="SuperNodes to start (= num_clients)")
+    deploy.add_argument("--out", required=True, metavar="DIR", help="run directory (metrics, logs/, nodes/, .flower/)")
+    deploy.add_argument("--rounds", type=int, metavar="R", help="communication rounds (default: the preset's)")
+    deploy.add_argument("--preset", help="named settings; see `spafl presets`")
+    deploy.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+    deploy.add_argument("--tls", action="store_true", help="TLS everywhere, with a generated CA and server certificate")
+    deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated, registered keys (implies --tls)")
+    deploy.add_argument("--round-timeout", type=float, metavar="S", help="seconds the server waits for replies (default: the app's, 120)")
+    deploy.add_argument("--data-dir", help="dataset directory for every SuperNode (node config data-dir)")
+    deploy.add_argument("--timeout", type=float, metavar="S", help="give up (and stop everything) after S seconds of run time")
+    deploy.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    deploy.set_defaults(handler=cmd_deploy_local)
     return parser
 
 
