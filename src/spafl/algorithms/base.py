@@ -45,6 +45,26 @@ COMMON_KEYS = frozenset({
 })
 
 
+def check_named_tensors(
+    message: Message, prefix: str, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], what: str,
+) -> str | None:
+    """Why ``message`` is not exactly ``prefix<name>`` tensors of the expected shapes and dtypes, all finite (None: it is)."""
+    names = {prefix + name for name in expected}
+    if set(message) != names:
+        missing = sorted(names - set(message))
+        extra = sorted(set(message) - names)
+        return f"tensor names differ from the model's {what} (missing {missing[:3]}, unexpected {extra[:3]})"
+    for name, (shape, dtype) in expected.items():
+        tensor = message[prefix + name]
+        if tuple(tensor.shape) != tuple(shape):
+            return f"{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+        if tensor.dtype != dtype:
+            return f"{name}: dtype {tensor.dtype}, expected {dtype}"
+        if not torch.isfinite(tensor).all():
+            return f"{name}: non-finite values"
+    return None
+
+
 @dataclass
 class ClientData:
     """One client's local data as contiguous uint8 images and int64 labels."""

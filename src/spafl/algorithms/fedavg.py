@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spafl.algorithms.base import Algorithm, ClientData, ClientResult, ClientTask, Message, State
+from spafl.algorithms.base import Algorithm, check_named_tensors, ClientData, ClientResult, ClientTask, Message, State
 from spafl.algorithms.spafl import client_optimizer, pack, train_local, unpack
 from spafl.metrics.flops import batches_per_epoch, dense_macs_per_sample, training_flops
 from spafl.nn import masked_layers, set_masking
@@ -99,19 +99,8 @@ class DenseAlgorithm(Algorithm):
 
     def check_weights(self, message: Message) -> str | None:
         """Why ``message`` is not exactly the model's transmitted tensors (None: it is)."""
-        expected = {WEIGHTS + name for name in self.weight_names}
-        if set(message) != expected:
-            missing = sorted(expected - set(message))
-            extra = sorted(set(message) - expected)
-            return f"tensor names differ from the model's weights (missing {missing[:3]}, unexpected {extra[:3]})"
-        for name, tensor in unpack(WEIGHTS, message).items():
-            if tuple(tensor.shape) != self.weight_shapes[name]:
-                return f"{name}: shape {tuple(tensor.shape)}, expected {self.weight_shapes[name]}"
-            if tensor.dtype != self.weight_dtypes[name]:
-                return f"{name}: dtype {tensor.dtype}, expected {self.weight_dtypes[name]}"
-            if not torch.isfinite(tensor).all():
-                return f"{name}: non-finite values"
-        return None
+        expected = {name: (self.weight_shapes[name], self.weight_dtypes[name]) for name in self.weight_names}
+        return check_named_tensors(message, WEIGHTS, expected, "weights")
 
 
 class FedAvg(DenseAlgorithm):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spafl.algorithms.base import Algorithm, ClientData, ClientResult, ClientTask, Message, State
+from spafl.algorithms.base import Algorithm, check_named_tensors, ClientData, ClientResult, ClientTask, Message, State
 from spafl.metrics.flops import batches_per_epoch, dense_macs_per_sample, training_flops
 from spafl.nn import get_thresholds, masked_layers, num_masked_weights, set_thresholds
 from spafl.seeding import generator
@@ -186,7 +186,6 @@ class SpaFL(Algorithm):
         self.dense_macs = dense_macs_per_sample(probe, spec.input_shape)
         self.num_thresholds = sum(layer.num_units for _, layer in masked_layers(probe))
         self.num_masked_weights = num_masked_weights(probe)
-        self.threshold_shapes = {name: tuple(layer.threshold.shape) for name, layer in masked_layers(probe)}
 
     # -- state -----------------------------------------------------------------
     def _thresholds_of(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -282,20 +281,8 @@ class SpaFL(Algorithm):
 
     # -- server ----------------------------------------------------------------
     def validate_reply(self, server, reply):
-        expected = {THRESHOLDS + name for name in self.layer_names}
-        if set(reply.message) != expected:
-            missing = sorted(expected - set(reply.message))
-            extra = sorted(set(reply.message) - expected)
-            return f"tensor names differ from the model's thresholds (missing {missing[:3]}, unexpected {extra[:3]})"
-        for name, tensor in unpack(THRESHOLDS, reply.message).items():
-            reference = server["thresholds"][name]
-            if tuple(tensor.shape) != tuple(reference.shape):
-                return f"{name}: shape {tuple(tensor.shape)}, expected {tuple(reference.shape)}"
-            if tensor.dtype != reference.dtype:
-                return f"{name}: dtype {tensor.dtype}, expected {reference.dtype}"
-            if not torch.isfinite(tensor).all():
-                return f"{name}: non-finite values"
-        return None
+        expected = {name: (tuple(t.shape), t.dtype) for name, t in server["thresholds"].items()}
+        return check_named_tensors(reply.message, THRESHOLDS, expected, "thresholds")
 
     def aggregate(self, server, replies, round_index):
         old = server["thresholds"]

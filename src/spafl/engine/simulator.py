@@ -34,6 +34,16 @@ from spafl.seeding import sample_clients
 EVAL_KEYS = ("accuracy", "accuracy_std_clients", "accuracy_weighted", "accuracy_majority", "loss", "density", "density_weighted", "clients_evaluated")
 
 
+def metrics_row(base: dict[str, Any], last_eval: dict[str, Any] | None, evaluated: bool, seconds: float) -> dict[str, Any]:
+    """One metrics.jsonl row: round facts from ``base``, evaluation values (carried when not ``evaluated``)."""
+    carried = last_eval or {}
+    row = {"round": base["round"], "evaluated": evaluated}
+    row.update({key: carried.get(key) for key in EVAL_KEYS})
+    row.update({k: v for k, v in base.items() if k != "round"})
+    row["seconds"] = seconds
+    return row
+
+
 def configure_threads(config: Config) -> int:
     threads = config.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -146,12 +156,7 @@ class Simulator:
     def _row(self, base: dict[str, Any], state: dict[str, Any], evaluate: bool, seconds: float) -> dict[str, Any]:
         if evaluate:
             state["last_eval"] = self.evaluate(state)
-        carried = state["last_eval"] or {}
-        row = {"round": base["round"], "evaluated": evaluate}
-        row.update({key: carried.get(key) for key in EVAL_KEYS})
-        row.update({k: v for k, v in base.items() if k != "round"})
-        row["seconds"] = seconds
-        return row
+        return metrics_row(base, state["last_eval"], evaluate, seconds)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         config = self.config

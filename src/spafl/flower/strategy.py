@@ -57,7 +57,7 @@ from spafl.engine.rundir import (
     read_metrics,
     write_json_atomic,
 )
-from spafl.engine.simulator import EVAL_KEYS, summarize_run
+from spafl.engine.simulator import metrics_row, summarize_run
 from spafl.errors import UserError
 from spafl.flower import records as rec
 from spafl.metrics import message_bits, summarize
@@ -480,12 +480,7 @@ class SpaFLStrategy(Strategy):
         return self.aggregate_evaluate(server_round, self.exchange(grid, messages))
 
     def _row(self, base: dict[str, Any], evaluated: bool, seconds: float) -> dict[str, Any]:
-        carried = self.last_eval or {}
-        row = {"round": base["round"], "evaluated": evaluated}
-        row.update({key: carried.get(key) for key in EVAL_KEYS})
-        row.update({k: v for k, v in base.items() if k != "round"})
-        row["seconds"] = seconds
-        return row
+        return metrics_row(base, self.last_eval, evaluated, seconds)
 
     def start(
         self,

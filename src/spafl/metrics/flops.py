@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from spafl.nn import MaskedLayer, masked_layers
+from spafl.nn import masked_layers
 
 
 @torch.no_grad()
@@ -78,7 +78,3 @@ def training_flops(
 
 def batches_per_epoch(num_samples: int, batch_size: int) -> int:
     return math.ceil(num_samples / batch_size)
-
-
-def layer_kept_fractions(model: nn.Module) -> dict[str, float]:
-    return {name: layer.density() for name, layer in masked_layers(model) if isinstance(layer, MaskedLayer)}
