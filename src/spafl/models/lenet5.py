@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from spafl.nn import MaskedConv2d, MaskedLinear
+from spafl.nn.compact import flatten, max_pool2d, relu
 
 
 class LeNet5(nn.Module):
@@ -19,7 +18,13 @@ class LeNet5(nn.Module):
     SPEC §2) and have no bias, as in the reference. With ``num_classes=10``
     and ``in_channels=1`` that is 430,500 masked weights and 580 thresholds.
     There is no unmasked parameter.
+
+    Every hidden masked layer feeds a ReLU directly, so compact execution
+    (:mod:`spafl.nn.compact`) drops pruned units exactly even while
+    thresholds train; the last layer computes all logits.
     """
+
+    compact_roles = {"conv1": "relu", "conv2": "relu", "fc1": "relu", "fc2": "logits"}
 
     def __init__(
         self,
@@ -35,9 +40,8 @@ class LeNet5(nn.Module):
         self.fc1 = MaskedLinear(50 * 4 * 4, 500, bias=False, **masked)
         self.fc2 = MaskedLinear(500, num_classes, bias=False, **masked)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # 28 → 24 → 12
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # 12 → 8 → 4
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
+    def forward(self, x):
+        x = max_pool2d(relu(self.conv1(x)), 2)  # 28 → 24 → 12
+        x = max_pool2d(relu(self.conv2(x)), 2)  # 12 → 8 → 4
+        x = relu(self.fc1(flatten(x)))
         return self.fc2(x)

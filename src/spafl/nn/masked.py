@@ -12,6 +12,12 @@ SPEC §2::
     dL/dW_ij  = m_i g_ij + step'(s_i - tau_i) * (sum_k g_ik W_ik) * sign(W_ij) / n_i
 
 A pruned unit's bias is masked too, so the unit outputs exactly 0.
+
+While a layer's thresholds are frozen (``requires_grad`` off, e.g. the local
+epochs before the last under ``threshold_schedule=last_epoch``) the mask is a
+constant: weights get gradient only through the kept units, not through
+``s``. With ``compact`` on, the layer computes only its kept units where
+that is exact (:mod:`spafl.nn.compact`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spafl.nn.ste import STE_NAMES, step
+from spafl.nn.compact import Sliced, full
+from spafl.nn.ste import STE_NAMES, step, step_derivative
 
 #: A layer whose kept fraction falls to this or below gets its thresholds reset.
 COLLAPSE_FRACTION = 0.01
@@ -54,6 +61,10 @@ class MaskedLayer(nn.Module):
         self.ste = ste
         self.collapse_guard = collapse_guard
         self.masking = True
+        self.compact = False
+        self.compact_role: str | None = None
+        #: Output units the last compact forward computed (for tests and benchmarks).
+        self.computed_units = self.weight.shape[0]
         self.threshold = nn.Parameter(torch.zeros(self.weight.shape[0], device=self.weight.device, dtype=self.weight.dtype))
         self.register_buffer("kept_fraction", torch.ones((), device=self.weight.device, dtype=self.weight.dtype))
 
@@ -90,6 +101,23 @@ class MaskedLayer(nn.Module):
             with torch.no_grad():
                 self.threshold.zero_()
 
+    def _trains_thresholds(self) -> bool:
+        return self.threshold.requires_grad and torch.is_grad_enabled()
+
+    def _current_mask(self) -> torch.Tensor:
+        """This forward's mask: with the estimator attached while thresholds train, a constant otherwise."""
+        self._apply_collapse_guard()
+        if self._trains_thresholds():
+            mask = self.unit_mask()
+        else:
+            mask = self.kept_units().to(self.weight.dtype)
+        with torch.no_grad():
+            self.kept_fraction.copy_(mask.detach().mean())
+        return mask
+
+    def _unit_view(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.view(-1, *([1] * (self.weight.dim() - 1)))
+
     def masked_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(W~, b~)`` for this forward pass; updates ``kept_fraction``.
 
@@ -98,13 +126,73 @@ class MaskedLayer(nn.Module):
         """
         if not self.masking:
             return self.weight, self.bias
-        self._apply_collapse_guard()
-        mask = self.unit_mask()
-        with torch.no_grad():
-            self.kept_fraction.copy_(mask.detach().mean())
-        weight = self.weight * mask.view(-1, *([1] * (self.weight.dim() - 1)))
+        mask = self._current_mask()
+        weight = self.weight * self._unit_view(mask)
         bias = None if self.bias is None else self.bias * mask
         return weight, bias
+
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _constant_input(self, weight: torch.Tensor, x: Sliced) -> torch.Tensor | None:
+        """The output contribution of ``x``'s constant channels (None: they are 0 or not exactly representable)."""
+        raise NotImplementedError
+
+    def _accepts_sliced(self, x: Sliced) -> bool:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor | Sliced) -> torch.Tensor | Sliced:
+        if self.compact and self.masking:
+            return self._compact_forward(x)
+        weight, bias = self.masked_parameters()
+        return self._compute(full(x), weight, bias)
+
+    def _pruned_units_need_no_gradient(self, kept: torch.Tensor) -> bool:
+        """Whether dropping the pruned units leaves every gradient unchanged (module docstring of spafl.nn.compact)."""
+        if not self._trains_thresholds() or self.compact_role == "relu":
+            return True
+        with torch.no_grad():
+            gap = self.weight.abs().flatten(1).mean(dim=1) - self.threshold
+            return not bool(step_derivative(gap[~kept], self.ste).any())
+
+    def _compact_forward(self, x: torch.Tensor | Sliced) -> torch.Tensor | Sliced:
+        mask = self._current_mask()
+        kept = mask.detach() > 0
+        num_kept = int(kept.sum())
+        rows = None
+        if 0 < num_kept < self.num_units and self._drops_units() and self._pruned_units_need_no_gradient(kept):
+            rows = kept.nonzero().squeeze(1)
+        weight, bias = self.weight, self.bias
+        self.computed_units = self.num_units if rows is None else num_kept
+        if rows is not None:
+            weight = weight.index_select(0, rows)
+            bias = None if bias is None else bias.index_select(0, rows)
+            mask = mask.index_select(0, rows)
+        if rows is None or self._trains_thresholds():  # a kept unit's mask is exactly 1; multiply only for its gradient
+            weight = weight * self._unit_view(mask)
+            bias = None if bias is None else bias * mask
+        if isinstance(x, Sliced) and self._accepts_sliced(x):
+            constant = self._constant_input(weight, x)
+            if constant is not None:
+                bias = constant if bias is None else bias + constant
+            out = self._compute(x.values, weight.index_select(1, x.index), bias)
+        else:
+            out = self._compute(full(x), weight, bias)
+        if rows is None:
+            return out
+        dim = self._unit_dim(out)
+        if self.compact_role in ("relu", "norm") and dim == 1:
+            return Sliced(out, rows, (~kept).nonzero().squeeze(1), self.num_units)
+        shape = list(out.shape)
+        shape[dim] = self.num_units
+        return out.new_zeros(shape).index_copy(dim, rows, out)
+
+    def _drops_units(self) -> bool:
+        return True
+
+    @staticmethod
+    def _unit_dim(out: torch.Tensor) -> int:
+        return 1
 
 
 class MaskedLinear(MaskedLayer, nn.Linear):
@@ -128,9 +216,20 @@ class MaskedLinear(MaskedLayer, nn.Linear):
         """n_i' of the importance update: ``in_features`` (SPEC §4 step 3)."""
         return self.in_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.masked_parameters()
+    def _compute(self, x, weight, bias):
         return F.linear(x, weight, bias)
+
+    def _accepts_sliced(self, x):
+        return x.values.dim() == 2
+
+    @staticmethod
+    def _unit_dim(out):
+        return out.dim() - 1  # units are the last dimension ([B, out] or [B, T, out])
+
+    def _constant_input(self, weight, x):
+        if x.fill is None:
+            return None
+        return weight.index_select(1, x.dropped) @ x.fill
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ste={self.ste}"
@@ -167,9 +266,21 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
         """n_i' of the importance update: kernel area kh*kw, as the reference (SPEC §4 step 3)."""
         return self.kernel_size[0] * self.kernel_size[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.masked_parameters()
+    def _compute(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
+
+    def _drops_units(self):
+        return self.groups == 1  # a subset of filters would regroup the input channels
+
+    def _accepts_sliced(self, x):
+        # a constant channel is a per-filter bias only where no zero padding reaches the window
+        padded = any(p != 0 for p in self.padding) if isinstance(self.padding, tuple) else self.padding != "valid"
+        return self.groups == 1 and (x.fill is None or not padded)
+
+    def _constant_input(self, weight, x):
+        if x.fill is None:
+            return None
+        return weight.index_select(1, x.dropped).sum(dim=(2, 3)) @ x.fill
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ste={self.ste}"
