@@ -83,7 +83,8 @@ class Config:
     ste: str = _choice("identity", ("identity", "outside_unit", "long_tailed"), "straight-through estimator of step")
     threshold_schedule: str = _choice(
         "every_step", ("every_step", "last_epoch"),
-        "every_step: thresholds and weights trained jointly (reference code); last_epoch: thresholds only in the last local epoch (paper)",
+        "every_step: thresholds and weights trained jointly (reference code); last_epoch: thresholds only in the last local epoch, "
+        "earlier epochs train the kept units' weights under a fixed mask (paper)",
     )
     importance_update: str = _choice(
         "before_training", ("before_training", "all_after_aggregation", "off"),
@@ -110,6 +111,19 @@ class Config:
     device: str = _choice("cpu", ("cpu", "cuda"), "where to compute")
     threads: int = _num(0, "torch CPU threads (0 = number of cores)", 0)
     record_masks: tuple = _int_list("rounds at which to record every client's kept-unit masks (comma-separated)")
+    execution: str = _choice(
+        "fast", ("fast", "reference"),
+        "fast: contiguous client tensors and compact (kept-units-only) compute where exact; "
+        "reference: a per-sample dataset behind a DataLoader and dense layers times the 0/1 mask, as the reference code",
+    )
+    client_store: str = _choice(
+        "auto", ("auto", "memory", "disk"),
+        "where per-client state lives: memory, disk (run_dir/clients, loaded only for sampled/evaluated clients), "
+        "auto: disk when all clients' states would not fit in 1 GiB",
+    )
+    eval_clients: int = _num(
+        0, "evaluate this many clients (a fixed seeded subset, the same every round); 0 = all clients", 0,
+    )
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -232,6 +246,8 @@ def validate(config: Config) -> Config:
         raise UserError(
             f"clients_per_round ({config.clients_per_round}) must be <= num_clients ({config.num_clients})"
         )
+    if config.eval_clients > config.num_clients:
+        raise UserError(f"eval_clients ({config.eval_clients}) must be <= num_clients ({config.num_clients}); 0 evaluates all")
     if any(r < 0 or r > config.rounds for r in config.record_masks):
         raise UserError(f"record_masks rounds must lie in 0..rounds ({config.rounds}); got {list(config.record_masks)}")
     return config

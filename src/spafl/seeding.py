@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_PURPOSES = {"model_init": 1, "partition": 2, "sampling": 3, "client_train": 4}
+_PURPOSES = {"model_init": 1, "partition": 2, "sampling": 3, "client_train": 4, "eval_clients": 5}
 
 
 def derive_seed(seed: int, purpose: str, *ids: int) -> int:

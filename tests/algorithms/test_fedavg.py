@@ -173,6 +173,6 @@ def test_server_weights_are_the_sample_weighted_mean_of_the_uploads(tmp_path, sy
         expected = sum(message["weights/" + name].double() * n / total for message, n in uploads.values())
         assert torch.allclose(state["server"]["model"][name].double(), expected, atol=1e-7)
         assert not torch.equal(state["server"]["model"][name], initial[name])
-    assert state["clients"] == [{}, {}, {}, {}]
+    assert list(state["clients"]) == [{}, {}, {}, {}]
     # every client is evaluated with the global model
     assert all(algorithm.evaluation_state(c, state["server"]) is state["server"]["model"] for c in state["clients"])

@@ -26,7 +26,7 @@ def test_nothing_travels_and_the_server_does_nothing():
     algo = local()
     server = algo.init_server(SPEC.initial_state(0))
     assert algo.server_message(server, 3, 0) == {} and message_bits(algo.server_message(server, 3, 0)) == 0
-    assert algo.broadcast_message(server, 3, 0) is None
+    assert algo.broadcast_message(server, 0) is None
     assert algo.aggregate(server, [Reply(0, {}, 8)], 0) is server
     assert algo.validate_reply(server, Reply(0, {}, 8)) is None
     assert "sends nothing" in algo.validate_reply(server, Reply(0, {"weights/fc1.weight": torch.zeros(3, 4)}, 8))

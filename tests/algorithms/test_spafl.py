@@ -109,7 +109,7 @@ def test_messages_carry_exactly_what_each_variant_needs(update, delta_mode, down
     assert {name.split("/")[0] for name in down} == down_tensors
     # 5 thresholds of 32 bits per tensor group
     assert message_bits(down) == 5 * 32 * len(down_tensors)
-    message = algo.broadcast_message(server, 0, 0)
+    message = algo.broadcast_message(server, 0)
     if broadcast is None:
         assert message is None
     else:
@@ -161,7 +161,7 @@ def test_all_after_aggregation_broadcast_updates_every_client():
     client = algo.init_client(7, initial)
     server = {"thresholds": {"fc1": torch.zeros(3), "fc2": torch.zeros(2)},
               "delta": {"fc1": torch.tensor([0.4, 0.0, 0.0]), "fc2": torch.zeros(2)}}
-    updated = algo.client_receive(client, algo.broadcast_message(server, 7, 0), 0)
+    updated = algo.client_receive(client, algo.broadcast_message(server, 0), 0)
     w0 = initial["fc1.weight"]
     assert torch.allclose(updated["model"]["fc1.weight"][0], w0[0] - 0.4 * torch.sign(w0[0].sum()) / 4)
     assert torch.equal(updated["model"]["fc1.weight"][1:], w0[1:])

@@ -127,8 +127,8 @@ def test_record_masks_stores_packed_kept_bits_per_client_and_layer(tmp_path, syn
     last = np.load(tmp_path / "run" / "masks" / "round_00002.npz")
     assert int(first["units/conv1"]) == 20 and first["conv1"].shape == (4, 3)  # 4 clients, 20 bits in 3 bytes
     assert np.unpackbits(first["fc1"], axis=1, count=500).all()  # thresholds start at 0: everything kept
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state = sim._restored_state(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False))
     for client_id in range(4):
-        model = sim.algorithm.workspace(state["clients"][client_id]["model"])
+        model = sim.algorithm.workspace(state["clients"].load(client_id)["model"])
         kept = model.fc1.kept_units().numpy()
         assert (np.unpackbits(last["fc1"][client_id], count=500).astype(bool) == kept).all()

@@ -8,8 +8,8 @@ An algorithm is a handful of functions over plain data:
 * ``client_update(client, message, data, task) -> ClientResult``
   (new client state, the message up, and local statistics);
 * ``aggregate(server, replies, round) -> server state``;
-* optionally ``broadcast_message`` / ``client_receive`` for a message sent to
-  *every* client after aggregation;
+* optionally ``broadcast_message(server, round)`` / ``client_receive`` for one
+  message sent to *every* client after aggregation;
 * ``evaluation_state(client, server)``: the model weights a client is
   evaluated with.
 
@@ -31,6 +31,7 @@ from torch import nn
 
 from spafl.config import Config
 from spafl.data.transforms import Preprocess
+from spafl.nn.compact import set_compact
 from spafl.seeding import derive_seed
 
 Message = dict[str, torch.Tensor]
@@ -41,7 +42,7 @@ COMMON_KEYS = frozenset({
     "method", "dataset", "model", "rounds", "num_clients", "clients_per_round", "partition", "alpha",
     "min_client_samples", "local_epochs", "batch_size", "lr", "lr_decay", "lr_min", "momentum", "weight_decay",
     "grad_clip", "pixels", "augment", "data_dir", "seed", "eval_every", "eval_batch_size", "checkpoint_every",
-    "device", "threads", "record_masks",
+    "device", "threads", "record_masks", "execution", "client_store", "eval_clients",
 })
 
 
@@ -75,6 +76,8 @@ class ClientData:
     test_y: torch.Tensor
     preprocess: Preprocess
     num_classes: int
+    #: reference-style serving: a per-sample dataset behind a DataLoader (see spafl.data.batches)
+    per_sample: bool = False
 
     @property
     def num_train(self) -> int:
@@ -148,7 +151,7 @@ class Algorithm(ABC):
     def workspace(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The shared working model, loaded with ``weights`` if given."""
         if self._workspace is None:
-            self._workspace = self.spec.factory().to(self.device)
+            self._workspace = set_compact(self.spec.factory().to(self.device), self.config.execution == "fast")
         if weights is not None:
             self._workspace.load_state_dict(weights)
         return self._workspace
@@ -174,12 +177,19 @@ class Algorithm(ABC):
     @abstractmethod
     def aggregate(self, server: State, replies: list[Reply], round_index: int) -> State: ...
 
-    def broadcast_message(self, server: State, client_id: int, round_index: int) -> Message | None:
-        """A message for *every* client after aggregation (None: no broadcast)."""
+    def broadcast_message(self, server: State, round_index: int) -> Message | None:
+        """The one message sent to *every* client after round ``round_index``'s aggregation (None: no broadcast).
+
+        It is the same for all N clients and its bits are counted N times.
+        An engine may deliver it late (when it next loads a client), so
+        :meth:`client_receive` must give the same result whenever it runs,
+        provided a client receives the broadcasts in round order before
+        anything else touches it.
+        """
         return None
 
     def client_receive(self, client: State, message: Message, round_index: int) -> State:
-        """Apply a broadcast message to a client's state."""
+        """Apply round ``round_index``'s broadcast message to a client's state."""
         return client
 
     @abstractmethod

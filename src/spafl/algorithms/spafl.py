@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spafl.algorithms.base import Algorithm, check_named_tensors, ClientData, ClientResult, ClientTask, Message, State
+from spafl.data.batches import train_batches
 from spafl.metrics.flops import batches_per_epoch, dense_macs_per_sample, training_flops
 from spafl.nn import get_thresholds, masked_layers, num_masked_weights, set_thresholds
 from spafl.seeding import generator
@@ -144,12 +145,9 @@ def train_local(
             for layer in layers:
                 layer.threshold.requires_grad_(trainable)
         order = torch.randperm(n, generator=rng)
-        for start in range(0, n, batch_size):
-            index = order[start:start + batch_size]
-            if skip_singletons and index.numel() == 1:
-                continue
-            inputs = data.preprocess(data.train_x[index], generator=rng, train=True).to(device, non_blocking=True)
-            labels = data.train_y[index].to(device, non_blocking=True)
+        for inputs, labels in train_batches(data, order, batch_size, rng, skip_singletons):
+            inputs = inputs.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
             loss = F.cross_entropy(model(inputs), labels)
             objective = loss
             if penalty > 0 and layers and layers[0].threshold.requires_grad:
@@ -212,7 +210,7 @@ class SpaFL(Algorithm):
             message.update(pack(DELTA, server["delta"]))
         return message
 
-    def broadcast_message(self, server, client_id, round_index):
+    def broadcast_message(self, server, round_index):
         c = self.config
         if c.importance_update != "all_after_aggregation" or c.frozen_weights:
             return None

@@ -3,6 +3,11 @@
 The state is written to a temporary file in the same directory, flushed and
 fsynced, then renamed over the previous checkpoint (rename is atomic on
 POSIX), and the directory is fsynced. Only the latest checkpoint is kept.
+
+Format 2 holds the client states as :meth:`spafl.engine.store.Clients.checkpoint_state`
+gives them (the written states themselves, or with ``client_store=disk`` the
+index of the per-client files it references, plus the broadcasts not yet
+delivered); format 1 held a list with every client's state and is still read.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 from spafl.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = 1
+FORMAT = 2
+READABLE = (1, 2)
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
@@ -50,6 +56,6 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # any unpickling failure means the file is unusable
         raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}); delete it to restart the run from round 0") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT or "round" not in state:
-        raise UserError(f"checkpoint {path} is not a spafl checkpoint of format {FORMAT}")
+    if not isinstance(state, dict) or state.get("format") not in READABLE or "round" not in state:
+        raise UserError(f"checkpoint {path} is not a spafl checkpoint of format {' or '.join(map(str, READABLE))}")
     return state

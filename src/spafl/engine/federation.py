@@ -67,6 +67,7 @@ def client_data(config: Config, dataset: Dataset, partition: Partition, client_i
         test_y=dataset.test_y[test].contiguous(),
         preprocess=preprocess,
         num_classes=dataset.num_classes,
+        per_sample=config.execution == "reference",
     )
 
 

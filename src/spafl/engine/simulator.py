@@ -2,10 +2,15 @@
 
 Per round: sample clients (seeded by (seed, round) only), send each the
 server's message, run the algorithm's client update, aggregate, send any
-broadcast to every client, evaluate every client every ``eval_every`` rounds
-(and at the last round), append one JSON line to ``metrics.jsonl`` and
-checkpoint every ``checkpoint_every`` rounds. Round 0 is the evaluation of
-the common initial model.
+broadcast to every client, evaluate every client (or the fixed seeded subset
+``eval_clients``) every ``eval_every`` rounds (and at the last round), append
+one JSON line to ``metrics.jsonl`` and checkpoint every ``checkpoint_every``
+rounds. Round 0 is the evaluation of the common initial model.
+
+Client states live in a store (:mod:`spafl.engine.store`; in memory, or one
+file per client under ``run_dir/clients``) and are loaded only for the
+clients a round trains or evaluates; a broadcast is logged and delivered to
+a client when it is next loaded, so memory does not grow with N x model size.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from spafl.engine import checkpoint as ckpt
 from spafl.engine.federation import Federation, build_federation
 from spafl.engine.progress import Progress
 from spafl.engine.rundir import METRICS, SUMMARY, read_metrics, truncate_metrics, write_json_atomic
+from spafl.engine.store import Clients, choose_store, make_store
 from spafl.errors import DivergedError, UserError
 from spafl.metrics import GIGA, evaluate_client, message_bits, summarize
 from spafl.nn import masked_layers
-from spafl.seeding import sample_clients
+from spafl.seeding import derive_seed, sample_clients
 
 EVAL_KEYS = ("accuracy", "accuracy_std_clients", "accuracy_weighted", "accuracy_majority", "loss", "density", "density_weighted", "clients_evaluated")
 
@@ -50,6 +56,14 @@ def configure_threads(config: Config) -> int:
     return threads
 
 
+def evaluation_clients(config: Config) -> list[int]:
+    """The clients evaluated every round: all, or ``eval_clients`` of them drawn once (sorted) from the seed."""
+    if config.eval_clients == 0:
+        return list(range(config.num_clients))
+    rng = np.random.default_rng(derive_seed(config.seed, "eval_clients"))
+    return sorted(int(c) for c in rng.choice(config.num_clients, size=config.eval_clients, replace=False))
+
+
 def resolve_device(config: Config) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but CUDA is not available here; use --set device=cpu")
@@ -67,36 +81,65 @@ class Simulator:
         self.federation = federation or build_federation(config)
         self.algorithm: Algorithm = ALGORITHMS[config.method](config, self.federation.spec)
         self.show_progress = progress
+        self.evaluated_clients = evaluation_clients(config)
 
     # -- state -----------------------------------------------------------------
+    def _clients(self, initial: dict[str, torch.Tensor]) -> Clients:
+        """An empty store of client states: every client starts from ``initial`` (shared, not copied)."""
+        kind = choose_store(self.config.client_store, initial, self.config.num_clients)
+        store = make_store(kind, lambda client_id: self.algorithm.init_client(client_id, initial), self.run_dir)
+        return Clients(store, self.algorithm.client_receive, self.config.num_clients)
+
     def _fresh_state(self) -> dict[str, Any]:
         initial = self.federation.spec.initial_state(self.config.seed)
         return {
             "round": 0,
             "server": self.algorithm.init_server(initial),
-            "clients": [self.algorithm.init_client(k, initial) for k in range(self.config.num_clients)],
+            "clients": self._clients(initial),
             "bits_cum": 0,
             "flops_cum": 0.0,
             "last_eval": None,
         }
 
+    def _restored_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        state = {key: saved[key] for key in ("round", "server", "bits_cum", "flops_cum", "last_eval")}
+        clients = self._clients(self.federation.spec.initial_state(self.config.seed))
+        clients.version = state["round"]
+        if isinstance(saved["clients"], list):  # format 1: every client's state, broadcasts already applied
+            clients.store.clear()
+            for client_id, client in enumerate(saved["clients"]):
+                clients.save(client_id, client)
+            clients.store.flush()
+            clients.store.commit()
+        else:
+            clients.restore(saved["clients"])
+        state["clients"] = clients
+        return state
+
     def _checkpoint(self, state: dict[str, Any]) -> None:
-        ckpt.save_checkpoint(self.run_dir, {**state, "torch_rng": torch.get_rng_state(), "config": self.config.to_dict()})
+        clients: Clients = state["clients"]
+        clients.store.flush()
+        ckpt.save_checkpoint(self.run_dir, {
+            **state, "clients": clients.checkpoint_state(), "torch_rng": torch.get_rng_state(), "config": self.config.to_dict(),
+        })
+        clients.store.commit()
 
     # -- evaluation ------------------------------------------------------------
     def evaluate(self, state: dict[str, Any]) -> dict[str, float]:
+        """Evaluate the clients of :attr:`evaluated_clients`, each on its own test split."""
         evals = []
-        for client_id, data in enumerate(self.federation.clients):
-            weights = self.algorithm.evaluation_state(state["clients"][client_id], state["server"])
+        for client_id in self.evaluated_clients:
+            weights = self.algorithm.evaluation_state(state["clients"].load(client_id), state["server"])
             model = self.algorithm.workspace(weights)
-            evals.append(evaluate_client(model, data, self.config.eval_batch_size, self.algorithm.device))
+            evals.append(evaluate_client(model, self.federation.clients[client_id], self.config.eval_batch_size, self.algorithm.device))
         return summarize(evals)
 
     def _record_masks(self, state: dict[str, Any], round_number: int) -> None:
         """Kept/pruned state of every unit of every client, bit-packed (for sparsity-pattern figures)."""
         masks: dict[str, list[np.ndarray]] = {}
         for client_id in range(self.config.num_clients):
-            weights = self.algorithm.evaluation_state(state["clients"][client_id], state["server"])
+            # not written back: at large N that would materialize every client
+            weights = self.algorithm.evaluation_state(state["clients"].load(client_id, write_back=False), state["server"])
             model = self.algorithm.workspace(weights)
             for name, layer in masked_layers(model):
                 masks.setdefault(name, []).append(layer.kept_units().cpu().numpy())
@@ -112,6 +155,8 @@ class Simulator:
         config = self.config
         algorithm = self.algorithm
         sampled = sample_clients(config.seed, round_index, config.num_clients, config.clients_per_round)
+        clients: Clients = state["clients"]
+        clients.version = round_index + 1
         replies, losses = [], []
         bits_up = bits_down = 0
         flops = 0.0
@@ -119,25 +164,25 @@ class Simulator:
             down = algorithm.server_message(state["server"], client_id, round_index)
             bits_down += message_bits(down)
             task = ClientTask(client_id=client_id, round_index=round_index, seed=config.seed)
-            result = algorithm.client_update(state["clients"][client_id], down, self.federation.clients[client_id], task)
+            client = clients.load(client_id, write_back=False)  # saved below, after training
+            result = algorithm.client_update(client, down, self.federation.clients[client_id], task)
             loss = result.stats.get("train_loss", float("nan"))
             if result.stats.get("steps", 0) and not math.isfinite(loss):
                 raise DivergedError(
                     f"round {round_index + 1}: client {client_id}'s training loss is {loss}; the run diverged. "
                     f"The last good checkpoint (round {state['round']}) is kept; lower lr or th_coeff, or set grad_clip, and start a new run"
                 )
-            state["clients"][client_id] = result.state
+            clients.save(client_id, result.state)
             bits_up += message_bits(result.message)
             flops += result.stats.get("flops", 0.0)
             if result.stats.get("steps", 0):
                 losses.append(loss)
             replies.append(Reply(client_id, result.message, int(result.stats.get("num_samples", 0))))
         state["server"] = algorithm.aggregate(state["server"], replies, round_index)
-        for client_id in range(config.num_clients):
-            broadcast = algorithm.broadcast_message(state["server"], client_id, round_index)
-            if broadcast is not None:
-                bits_down += message_bits(broadcast)
-                state["clients"][client_id] = algorithm.client_receive(state["clients"][client_id], broadcast, round_index)
+        broadcast = algorithm.broadcast_message(state["server"], round_index)
+        if broadcast is not None:  # sent to all N clients now; each applies it when next loaded
+            bits_down += config.num_clients * message_bits(broadcast)
+            clients.broadcast(round_index, broadcast)
         state["round"] = round_index + 1
         state["bits_cum"] += bits_up + bits_down
         state["flops_cum"] += flops / config.num_clients
@@ -165,11 +210,12 @@ class Simulator:
         metrics_path = self.run_dir / METRICS
         saved = ckpt.load_checkpoint(self.run_dir) if resume else None
         if saved is not None:
-            state = {key: saved[key] for key in ("round", "server", "clients", "bits_cum", "flops_cum", "last_eval")}
+            state = self._restored_state(saved)
             torch.set_rng_state(saved["torch_rng"])
             truncate_metrics(metrics_path, state["round"])
         else:
             state = self._fresh_state()
+            state["clients"].store.clear()  # files of an earlier run in this directory
             metrics_path.write_text("")
         progress = Progress(config.rounds, start=state["round"], enabled=self.show_progress)
         with open(metrics_path, "a") as metrics:

@@ -373,18 +373,19 @@ class SpaFLStrategy(Strategy):
         return rec.to_array_record(rec.flatten_state(self.server)), rec.metric_record(metrics)
 
     def configure_broadcast(self, server_round: int) -> list[Message]:
-        """``algorithm.broadcast_message`` for every partition with a node (none for most variants)."""
+        """``algorithm.broadcast_message``, the same message to every partition with a node (none for most variants)."""
         round_index = server_round - 1
+        broadcast = self.algorithm.broadcast_message(self.server, round_index)
+        if broadcast is None:
+            return []
+        bits = message_bits(broadcast)
         messages = []
         for k in range(self.config.num_clients):
-            broadcast = self.algorithm.broadcast_message(self.server, k, round_index)
-            if broadcast is None:
-                continue
             node_id = self.node_of(k)
             if node_id is None:
                 log(WARNING, "spafl: round %d: partition %d has no node; its broadcast is not sent", server_round, k)
                 continue
-            self._round.bits_down += message_bits(broadcast)
+            self._round.bits_down += bits
             content = RecordDict({rec.ARRAYS: rec.to_array_record(broadcast), rec.CONFIG: ConfigRecord({"round": round_index, rec.PARTITION_ID: k})})
             messages.append(self._message(content, node_id, rec.BROADCAST, server_round))
         return messages

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spafl.data.batches import test_batches
 from spafl.nn import model_density
 
 
@@ -29,9 +30,8 @@ def evaluate_model(model: nn.Module, data, batch_size: int, device: torch.device
     model.eval()
     correct = 0
     loss_sum = 0.0
-    for start in range(0, data.num_test, batch_size):
-        inputs = data.preprocess(data.test_x[start:start + batch_size], train=False).to(device)
-        labels = data.test_y[start:start + batch_size].to(device)
+    for inputs, labels in test_batches(data, batch_size):
+        inputs, labels = inputs.to(device), labels.to(device)
         logits = model(inputs)
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == labels).sum())
