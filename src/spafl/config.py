@@ -105,11 +105,15 @@ class Config:
     data_dir: str = _text("", "directory with the dataset files (empty: search $SPAFL_DATA, ~/.cache/spafl, system dirs, then download)")
     # run
     seed: int = _num(0, "seed of the initial model, partition, sampling and client randomness", 0)
-    eval_every: int = _num(1, "evaluate all clients every this many rounds (and always at the last round)", 1)
+    eval_every: int = _num(1, "evaluate the clients (all, or the eval_clients subset) every this many rounds (and always at the last round)", 1)
     eval_batch_size: int = _num(1000, "batch size for evaluation", 1)
     checkpoint_every: int = _num(10, "write a checkpoint every this many rounds (and at the last round)", 1)
     device: str = _choice("cpu", ("cpu", "cuda"), "where to compute")
-    threads: int = _num(0, "torch CPU threads (0 = number of cores)", 0)
+    threads: int = _num(0, "torch CPU threads of the main process, and of each client's computation when workers=1 (0 = number of cores)", 0)
+    workers: int = _num(
+        0, "processes that run a round's clients side by side, one thread each; results equal workers=1 with threads=1 "
+        "(0 = one per core on a multi-core CPU, at most clients_per_round; 1 = all in the main process)", 0,
+    )
     record_masks: tuple = _int_list("rounds at which to record every client's kept-unit masks (comma-separated)")
     execution: str = _choice(
         "fast", ("fast", "reference"),

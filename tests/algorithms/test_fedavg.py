@@ -164,7 +164,7 @@ def test_server_weights_are_the_sample_weighted_mean_of_the_uploads(tmp_path, sy
         return result
 
     algorithm.client_update = recording
-    state = simulator._fresh_state()
+    state = simulator.fresh_state()
     initial = {k: v.clone() for k, v in state["server"]["model"].items()}
     simulator.run_round(state, 0)
     assert len(uploads) == 2 and len({n for _, n in uploads.values()}) == 2  # two clients of different sizes

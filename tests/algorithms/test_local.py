@@ -77,7 +77,7 @@ def test_three_rounds_send_nothing_and_accuracy_improves(tmp_path, synthetic):
 
 def test_only_sampled_clients_train(tmp_path, synthetic):
     simulator = simulate(tmp_path, synthetic, clients_per_round=1, rounds=1)
-    state = simulator._fresh_state()
+    state = simulator.fresh_state()
     initial = simulator.federation.spec.initial_state(simulator.config.seed)
     sampled = simulator.run_round(state, 0)["sampled"]
     assert len(sampled) == 1

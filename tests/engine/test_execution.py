@@ -24,3 +24,15 @@ def test_fast_and_reference_paths_give_the_same_metrics(tmp_path, synthetic):
             assert a[key] == b[key], key
         assert abs(a["accuracy"] - b["accuracy"]) <= 0.5
         assert abs(a["flops_cum"] - b["flops_cum"]) <= 1e-6 * max(1.0, b["flops_cum"])
+
+
+def test_worker_processes_give_exactly_the_serial_single_thread_run(tmp_path, synthetic):
+    rows = {}
+    for workers in (1, 2):
+        config = small_config(rounds=2, num_clients=6, clients_per_round=3, workers=workers, threads=1)
+        simulator = Simulator(config, tmp_path / str(workers), federation=build_federation(config, synthetic), progress=False)
+        assert simulator.workers == workers
+        simulator.run()
+        rows[workers] = [{k: v for k, v in row.items() if k != "seconds"} for row in read_metrics(tmp_path / str(workers) / METRICS)]
+    assert rows[1] == rows[2]
+    assert rows[2][-1]["replies"] == 3

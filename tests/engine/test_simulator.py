@@ -64,7 +64,7 @@ def test_metrics_rows_have_every_field_and_evaluation_is_carried(tmp_path, synth
 def test_unsampled_clients_keep_their_state(tmp_path, synthetic):
     config = small_config(num_clients=4, clients_per_round=1, rounds=1)
     sim = Simulator(config, tmp_path / "r", federation=build_federation(config, synthetic), progress=False)
-    state = sim._fresh_state()
+    state = sim.fresh_state()
     before = {k: v.clone() for k, v in state["clients"][0]["model"].items()}
     sampled = sim.run_round(state, 0)["sampled"]
     for client_id in range(4):
@@ -127,7 +127,7 @@ def test_record_masks_stores_packed_kept_bits_per_client_and_layer(tmp_path, syn
     last = np.load(tmp_path / "run" / "masks" / "round_00002.npz")
     assert int(first["units/conv1"]) == 20 and first["conv1"].shape == (4, 3)  # 4 clients, 20 bits in 3 bytes
     assert np.unpackbits(first["fc1"], axis=1, count=500).all()  # thresholds start at 0: everything kept
-    state = sim._restored_state(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False))
+    state = sim.restore_state(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False))
     for client_id in range(4):
         model = sim.algorithm.workspace(state["clients"].load(client_id)["model"])
         kept = model.fc1.kept_units().numpy()

@@ -165,7 +165,7 @@ def rows_of(run_dir):
 
 def client_states(simulator):
     """Every client's state as of the run's last checkpoint."""
-    state = simulator._restored_state(load_checkpoint(simulator.run_dir))
+    state = simulator.restore_state(load_checkpoint(simulator.run_dir))
     return [state["clients"].load(k, write_back=False) for k in range(simulator.config.num_clients)]
 
 
@@ -190,7 +190,7 @@ def test_disk_store_run_resumes_after_a_crash_with_identical_metrics(tmp_path, s
     committed = sorted(f"c{k:06d}-r{v:06d}.pt" for k, v in index.items())
     assert max(index.values()) <= 2 and set(committed) < set(names(directory))  # rounds 3-4 left newer files
 
-    crashed._restored_state(load_checkpoint(tmp_path / "crashed"))
+    crashed.restore_state(load_checkpoint(tmp_path / "crashed"))
     assert names(directory) == committed  # exactly what the checkpoint references
 
     simulate(tmp_path, synthetic, "crashed", **settings).run(resume=True)
@@ -276,7 +276,7 @@ def test_a_format_1_checkpoint_with_every_client_is_still_read(tmp_path, synthet
     saved = load_checkpoint(tmp_path / "old")
     states = client_states(simulator)
     old = {**saved, "format": 1, "clients": states}
-    restored = simulator._restored_state(old)
+    restored = simulator.restore_state(old)
     assert restored["clients"].materialized == 4
     for client_id, state in enumerate(states):
         assert_same(restored["clients"].load(client_id), state)

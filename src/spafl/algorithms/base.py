@@ -42,7 +42,7 @@ COMMON_KEYS = frozenset({
     "method", "dataset", "model", "rounds", "num_clients", "clients_per_round", "partition", "alpha",
     "min_client_samples", "local_epochs", "batch_size", "lr", "lr_decay", "lr_min", "momentum", "weight_decay",
     "grad_clip", "pixels", "augment", "data_dir", "seed", "eval_every", "eval_batch_size", "checkpoint_every",
-    "device", "threads", "record_masks", "execution", "client_store", "eval_clients",
+    "device", "threads", "record_masks", "execution", "client_store", "eval_clients", "workers",
 })
 
 

@@ -33,7 +33,8 @@ from spafl.engine.progress import Progress
 from spafl.engine.rundir import METRICS, SUMMARY, read_metrics, truncate_metrics, write_json_atomic
 from spafl.engine.store import Clients, choose_store, make_store
 from spafl.errors import DivergedError, UserError
-from spafl.metrics import GIGA, evaluate_client, message_bits, summarize
+from spafl.engine.parallel import ClientRunner, resolve_workers
+from spafl.metrics import GIGA, message_bits, summarize
 from spafl.nn import masked_layers
 from spafl.seeding import derive_seed, sample_clients
 
@@ -82,6 +83,8 @@ class Simulator:
         self.algorithm: Algorithm = ALGORITHMS[config.method](config, self.federation.spec)
         self.show_progress = progress
         self.evaluated_clients = evaluation_clients(config)
+        self.workers = resolve_workers(config.workers, config.device, config.clients_per_round)
+        self.runner = ClientRunner(self.algorithm, self.federation.clients, config.eval_batch_size, self.workers)
 
     # -- state -----------------------------------------------------------------
     def _clients(self, initial: dict[str, torch.Tensor]) -> Clients:
@@ -90,7 +93,7 @@ class Simulator:
         store = make_store(kind, lambda client_id: self.algorithm.init_client(client_id, initial), self.run_dir)
         return Clients(store, self.algorithm.client_receive, self.config.num_clients)
 
-    def _fresh_state(self) -> dict[str, Any]:
+    def fresh_state(self) -> dict[str, Any]:
         initial = self.federation.spec.initial_state(self.config.seed)
         return {
             "round": 0,
@@ -101,7 +104,7 @@ class Simulator:
             "last_eval": None,
         }
 
-    def _restored_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+    def restore_state(self, saved: dict[str, Any]) -> dict[str, Any]:
         state = {key: saved[key] for key in ("round", "server", "bits_cum", "flops_cum", "last_eval")}
         clients = self._clients(self.federation.spec.initial_state(self.config.seed))
         clients.version = state["round"]
@@ -127,12 +130,11 @@ class Simulator:
     # -- evaluation ------------------------------------------------------------
     def evaluate(self, state: dict[str, Any]) -> dict[str, float]:
         """Evaluate the clients of :attr:`evaluated_clients`, each on its own test split."""
-        evals = []
-        for client_id in self.evaluated_clients:
-            weights = self.algorithm.evaluation_state(state["clients"].load(client_id), state["server"])
-            model = self.algorithm.workspace(weights)
-            evals.append(evaluate_client(model, self.federation.clients[client_id], self.config.eval_batch_size, self.algorithm.device))
-        return summarize(evals)
+        jobs = (
+            (client_id, self.algorithm.evaluation_state(state["clients"].load(client_id), state["server"]))
+            for client_id in self.evaluated_clients
+        )
+        return summarize(list(self.runner.evaluate(jobs)))
 
     def _record_masks(self, state: dict[str, Any], round_number: int) -> None:
         """Kept/pruned state of every unit of every client, bit-packed (for sparsity-pattern figures)."""
@@ -160,12 +162,13 @@ class Simulator:
         replies, losses = [], []
         bits_up = bits_down = 0
         flops = 0.0
+        jobs = []
         for client_id in sampled:
             down = algorithm.server_message(state["server"], client_id, round_index)
             bits_down += message_bits(down)
             task = ClientTask(client_id=client_id, round_index=round_index, seed=config.seed)
-            client = clients.load(client_id, write_back=False)  # saved below, after training
-            result = algorithm.client_update(client, down, self.federation.clients[client_id], task)
+            jobs.append((client_id, clients.load(client_id, write_back=False), down, task))  # saved below, after training
+        for client_id, result in zip(sampled, self.runner.train(jobs)):
             loss = result.stats.get("train_loss", float("nan"))
             if result.stats.get("steps", 0) and not math.isfinite(loss):
                 raise DivergedError(
@@ -204,17 +207,23 @@ class Simulator:
         return metrics_row(base, state["last_eval"], evaluate, seconds)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
+        try:
+            return self._run(resume)
+        finally:
+            self.runner.close()
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(self.run_dir)
         metrics_path = self.run_dir / METRICS
         saved = ckpt.load_checkpoint(self.run_dir) if resume else None
         if saved is not None:
-            state = self._restored_state(saved)
+            state = self.restore_state(saved)
             torch.set_rng_state(saved["torch_rng"])
             truncate_metrics(metrics_path, state["round"])
         else:
-            state = self._fresh_state()
+            state = self.fresh_state()
             state["clients"].store.clear()  # files of an earlier run in this directory
             metrics_path.write_text("")
         progress = Progress(config.rounds, start=state["round"], enabled=self.show_progress)

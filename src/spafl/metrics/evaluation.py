@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spafl.data.batches import test_batches
+from spafl.errors import UserError
 from spafl.nn import model_density
 
 
@@ -75,7 +76,7 @@ def summarize(evals: list[ClientEval]) -> dict[str, float]:
     with_data = [e for e in evals if e.num_test > 0]
     total = sum(e.num_test for e in with_data)
     if not with_data:
-        raise ValueError("no evaluated client has test data")
+        raise UserError("no evaluated client has test data; evaluate more clients (eval_clients=0 evaluates all)")
     per_client = [100.0 * e.correct / e.num_test for e in with_data]
     mean = sum(per_client) / len(per_client)
     return {

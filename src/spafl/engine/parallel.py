@@ -1,0 +1,95 @@
+"""Running a round's clients side by side: one worker process per core, each single-threaded.
+
+A sampled client's update and a client's evaluation depend only on its
+state, the server's message and its own data, so clients can run in any
+order and any process. On a small CPU, compact (kept-units-only) layers are
+too small for PyTorch's intra-op threads to pay off, while one client per
+core keeps every core busy.
+
+Workers are forked after the federation and the algorithm are built, so
+they share the dataset pages and need no pickling of models or factories;
+only client states, messages and results travel through pipes. Each worker
+computes with one thread, so a run with ``workers=W`` gives exactly the
+results of a serial run with ``threads=1``, whatever W is. Workers ignore
+Ctrl-C: the parent stops them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import Any
+
+import torch
+
+from spafl.algorithms.base import Algorithm, ClientData, ClientResult, ClientTask, Message, State
+from spafl.metrics.evaluation import ClientEval, evaluate_client
+
+# what a forked worker inherited from the parent (set just before the fork)
+_inherited: dict[str, Any] = {}
+
+
+def resolve_workers(requested: int, device: str, clients_per_round: int) -> int:
+    """``workers=0`` (auto): one per core on a multi-core CPU where fork exists, at most one per sampled client."""
+    if device != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    if requested > 0:
+        return requested
+    return max(1, min(os.cpu_count() or 1, clients_per_round))
+
+
+def _start_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _train(job: tuple[int, State, Message, ClientTask]) -> ClientResult:
+    client_id, client, message, task = job
+    return _inherited["algorithm"].client_update(client, message, _inherited["clients"][client_id], task)
+
+
+def _evaluate(job: tuple[int, dict[str, torch.Tensor]]) -> ClientEval:
+    client_id, weights = job
+    algorithm: Algorithm = _inherited["algorithm"]
+    return evaluate_client(algorithm.workspace(weights), _inherited["clients"][client_id], _inherited["eval_batch_size"], algorithm.device)
+
+
+class ClientRunner:
+    """Runs client updates and evaluations, in ``workers`` processes or (workers=1) in this one."""
+
+    def __init__(self, algorithm: Algorithm, clients: list[ClientData], eval_batch_size: int, workers: int) -> None:
+        self.algorithm = algorithm
+        self.clients = clients
+        self.eval_batch_size = eval_batch_size
+        self.workers = workers
+        self._pool = None
+
+    def _map(self, function, jobs: Iterable) -> Iterator:
+        """``function`` over ``jobs`` in order, holding at most a few jobs per worker in flight (bounded memory)."""
+        if self.workers <= 1:
+            _inherited.update(algorithm=self.algorithm, clients=self.clients, eval_batch_size=self.eval_batch_size)
+            yield from map(function, jobs)
+            return
+        if self._pool is None:
+            _inherited.update(algorithm=self.algorithm, clients=self.clients, eval_batch_size=self.eval_batch_size)
+            self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_start_worker)
+        jobs = iter(jobs)
+        while chunk := list(islice(jobs, 4 * self.workers)):
+            yield from self._pool.imap(function, chunk)
+
+    def train(self, jobs: Iterable[tuple[int, State, Message, ClientTask]]) -> Iterator[ClientResult]:
+        """``client_update`` of each ``(client_id, state, message, task)``, results in job order."""
+        return self._map(_train, jobs)
+
+    def evaluate(self, jobs: Iterable[tuple[int, dict[str, torch.Tensor]]]) -> Iterator[ClientEval]:
+        """``evaluate_client`` of each ``(client_id, weights)``, results in job order."""
+        return self._map(_evaluate, jobs)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
