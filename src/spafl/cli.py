@@ -115,38 +115,35 @@ def cmd_fetch_data(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    import signal
-
-    from spafl.flower.deploy import DeployError, deploy_local
-    from spafl.report import format_summary
+    from spafl.flower.deploy import DeployError, InterruptGuard, deploy_local
 
     def say(line: str) -> None:
-        if not args.quiet:
+        if not args.quiet or line.startswith("warning:"):
             print(f"deploy-local: {line}", file=sys.stderr, flush=True)
 
     def on_line(line: str) -> None:
         print(f"  | {line}", file=sys.stderr, flush=True)
 
-    def interrupt(signum, frame):  # SIGTERM/SIGHUP: clean up like Ctrl-C
-        raise KeyboardInterrupt
+    # SIGINT (also when started with it ignored), SIGTERM and SIGHUP (unless nohup) raise one KeyboardInterrupt;
+    # deploy_local stops every process it started before the exception leaves it.
+    with InterruptGuard():
+        try:
+            summary = deploy_local(
+                args.out, args.nodes, rounds=args.rounds, preset=args.preset, assignments=_overrides(args.set, None),
+                tls=args.tls, auth=args.auth, round_timeout=args.round_timeout, data_dir=args.data_dir,
+                timeout=args.timeout, log=say, on_line=None if args.quiet else on_line,
+            )
+            # spafl.report imports torch: only now, for the summary table
+            from spafl.report import format_summary
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        summary = deploy_local(
-            args.out, args.nodes, rounds=args.rounds, preset=args.preset, assignments=_overrides(args.set, None),
-            tls=args.tls, auth=args.auth, round_timeout=args.round_timeout, data_dir=args.data_dir,
-            timeout=args.timeout, log=say, on_line=None if args.quiet else on_line,
-        )
-    except KeyboardInterrupt:
-        print(f"\nspafl: deploy-local interrupted; every Flower process was stopped (logs in {args.out}/logs)", file=sys.stderr)
-        return 130
-    except DeployError as error:
-        print(f"spafl: deploy-local failed: {error}", file=sys.stderr)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print(format_summary(args.out, summary))
+            print(format_summary(args.out, summary))
+        except KeyboardInterrupt:
+            print(f"\nspafl: deploy-local interrupted; its Flower processes were stopped (logs in {args.out}/logs)",
+                  file=sys.stderr, flush=True)
+            return 130
+        except DeployError as error:
+            print(f"spafl: deploy-local failed: {error}", file=sys.stderr)
+            return 1
     print(f"logs: {args.out}/logs (superlink.log, supernode-<i>.log, serverapp.log, flwr-cli.log)")
     return 0
 

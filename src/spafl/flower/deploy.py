@@ -19,11 +19,13 @@ the Python environment spafl runs in:
 :class:`LocalDeployment` is the reusable part (tests use it): a context
 manager that starts the SuperLink and the SuperNodes, submits runs, and can
 stop, kill (SIGKILL) and restart a single SuperNode. Every process it starts
-runs in its own process group and carries ``SPAFL_DEPLOY_ID`` in its
-environment; :meth:`LocalDeployment.stop` terminates the groups (SIGTERM, then
-SIGKILL after a grace period) and then every process that still carries the
-deployment's id (Flower starts some helpers in sessions of their own), and
-reports anything left.
+runs in its own session and process group, writes to a log file (never a
+pipe) and carries ``SPAFL_DEPLOY_ID`` in its environment;
+:meth:`LocalDeployment.stop` sends SIGTERM to the groups and to every process
+that carries the deployment's id (Flower starts some helpers in sessions of
+their own) at once, SIGKILL after a grace period, and reports anything left.
+How signals (Ctrl-C, SIGTERM, SIGHUP) are handled is described above
+:class:`InterruptGuard`.
 
 Flower 1.41 serves the Fleet, Control and Runtime APIs of the SuperLink on
 one HTTP(S) port (``--host``/``--port``); a SuperNode serves its own Runtime
@@ -54,6 +56,9 @@ DEPLOY_ROLE_ENV = "SPAFL_DEPLOY_ROLE"
 CONNECTION = "spafl-local"
 LOOPBACK = "127.0.0.1"
 STATUS_COMPLETED = "finished:completed"
+# File names of a run directory, as in spafl.engine.rundir (importing that package would import torch).
+CONFIG = "config.json"
+SUMMARY = "summary.json"
 NODE_CONNECTED = re.compile(r"SuperNode ID: (\d+)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -205,13 +210,116 @@ def _wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
         remaining = [pid for pid in remaining if _proc_state(pid) not in ("", "Z", "X")]
         if not remaining or time.monotonic() >= deadline:
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     return remaining
+
+
+# --------------------------------------------------------------------------- signals
+#
+# How `spafl deploy-local` reacts to SIGINT (Ctrl-C), SIGTERM and SIGHUP, by design:
+#
+# * Only the deploy-local process decides. Every process it starts runs in a
+#   session of its own (``start_new_session``), so a Ctrl-C at the terminal,
+#   which goes to the foreground process group, reaches deploy-local alone; it
+#   then stops the others itself (SIGTERM, SIGKILL after a grace period).
+# * :class:`InterruptGuard` installs the handlers explicitly, SIGINT included.
+#   A process started with SIGINT ignored (a background job of a
+#   non-interactive shell, some CI runners and test harnesses) inherits that
+#   disposition, and Python then leaves SIGINT ignored: a Ctrl-C or
+#   ``kill -INT`` did nothing, and deploy-local and its Flower processes ran
+#   on. An inherited SIGHUP ``SIG_IGN`` (``nohup``) is respected.
+# * The first signal raises KeyboardInterrupt once, in the main thread; any
+#   later one is only counted, so it cannot cut the clean-up short.
+# * Every wait of the main thread is bounded and wakes up at least every few
+#   tenths of a second (no blocking read of a pipe: the output of children
+#   goes to files), so the KeyboardInterrupt surfaces promptly.
+# * :meth:`LocalDeployment.stop` holds SIGINT/SIGTERM/SIGHUP back while it
+#   stops the processes and delivers them afterwards; it is idempotent and
+#   :func:`deploy_local` calls it again in a ``finally``, which completes a
+#   stop that an interrupt cut short.
+
+
+class InterruptGuard:
+    """In the main thread: the first SIGINT, SIGTERM or SIGHUP raises KeyboardInterrupt; later ones are only counted.
+
+    Use as a context manager around the whole command; the previous handlers
+    come back on exit. SIGINT and SIGTERM are handled even when the process
+    was started with them ignored; SIGHUP is left ignored if it was (``nohup``).
+    Outside the main thread it does nothing.
+    """
+
+    def __init__(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> None:
+        self.signals = tuple(signals)
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        if len(self.received) == 1:
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    def __enter__(self) -> InterruptGuard:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in self.signals:
+            if sig == getattr(signal, "SIGHUP", None) and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # nohup: stay immune to the hang-up
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+class _SignalsHeld:
+    """While active (main thread only): SIGINT, SIGTERM and SIGHUP are recorded instead of handled; on exit the
+    previous handlers come back and each recorded signal is raised again, once, so it is deferred, not lost.
+
+    Signals that are ignored stay ignored.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+    def __enter__(self) -> _SignalsHeld:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                handler = signal.getsignal(sig)
+                if handler is None or handler == signal.SIG_IGN:
+                    continue
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        for sig in dict.fromkeys(self.received):
+            signal.raise_signal(sig)  # runs the restored handler (e.g. KeyboardInterrupt) right after this
+
+
+# --------------------------------------------------------------------------- managed processes
 
 
 @dataclass
 class ManagedProcess:
-    """One process started by the deployment, in a process group of its own."""
+    """One process started by the deployment, in a process group (and session) of its own.
+
+    Its output goes to ``log_path``, never to a pipe: a child never blocks on a
+    full pipe, and nothing here ever waits on a read.
+    """
 
     name: str
     role: str
@@ -261,7 +369,7 @@ class ManagedProcess:
             pass
 
     def reap(self, timeout: float) -> bool:
-        """Wait for the process itself; True when it has exited."""
+        """Wait (at most ``timeout`` seconds) for the process itself; True when it has exited."""
         if self.popen is None:
             return True
         try:
@@ -271,36 +379,46 @@ class ManagedProcess:
             return False
 
 
-def stop_processes(procs: list[ManagedProcess], deploy_id: str | None, grace: float, roles: set[str] | None = None) -> list[int]:
-    """SIGTERM each group, SIGKILL what is left after ``grace`` seconds, then sweep tagged stragglers.
+def stop_processes(
+    procs: list[ManagedProcess], deploy_id: str | None, grace: float, roles: set[str] | None = None,
+    kill_wait: float = 3.0,
+) -> list[int]:
+    """Stop ``procs`` and every process tagged with ``deploy_id`` (and one of ``roles``); bounded in time.
 
-    Returns the pids of processes still alive afterwards (should be empty).
+    SIGTERM to every group and every tagged process at once (Flower starts
+    some helpers in sessions of their own); after ``grace`` seconds SIGKILL to
+    whatever is left of both; then wait up to ``kill_wait`` seconds for them
+    to vanish. Returns the pids still alive afterwards (normally none). Takes
+    about as long as the slowest process needs to exit, at most
+    ``grace + kill_wait`` seconds.
     """
-    live = [proc for proc in procs if proc.alive()]
-    for proc in live:
-        proc.signal_group(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in live:
-        proc.reap(deadline - time.monotonic())
-    for proc in procs:
-        proc.signal_group(signal.SIGKILL)  # only groups whose leader outlived the grace period
-        proc.reap(2.0)
-    if deploy_id is None:
-        return []
 
-    def stragglers() -> list[int]:
+    def tagged() -> list[int]:
+        if deploy_id is None:
+            return []
         if roles is None:
             return tagged_processes(deploy_id)
-        return sorted(pid for role in roles for pid in tagged_processes(deploy_id, role))
+        return sorted({pid for role in roles for pid in tagged_processes(deploy_id, role)})
 
-    left = stragglers()
-    if left:
-        _signal_pids(left, signal.SIGTERM)
-        left = _wait_gone(left, grace)
-        _signal_pids(left, signal.SIGKILL)
-        _wait_gone(left, 2.0)
-        left = stragglers()
-    return left
+    def remaining() -> tuple[list[ManagedProcess], list[int]]:
+        return [proc for proc in procs if proc.alive()], tagged()  # alive() also reaps our own children
+
+    for proc in procs:
+        proc.signal_group(signal.SIGTERM)
+    _signal_pids(tagged(), signal.SIGTERM)
+    for sig, wait in ((signal.SIGKILL, grace), (None, kill_wait)):
+        deadline = time.monotonic() + wait
+        live, others = remaining()
+        while (live or others) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            live, others = remaining()
+        if sig is not None:
+            for proc in live:
+                proc.signal_group(sig)
+            _signal_pids(others, sig)
+    for proc in procs:
+        proc.reap(0.5)
+    return tagged()
 
 
 # --------------------------------------------------------------------------- TLS and keys
@@ -413,7 +531,7 @@ def _write_tls_files_openssl(paths: dict[str, Path], hosts: list[str]) -> None:
          "-CAcreateserial", "-days", "365", "-sha256", "-extfile", str(ext), "-out", str(paths["server_cert"])],
     ]
     for step in steps:
-        result = subprocess.run(step, capture_output=True, text=True, check=False)
+        result = subprocess.run(step, capture_output=True, text=True, check=False, timeout=60)
         if result.returncode != 0:
             raise DeployError(f"openssl failed ({' '.join(step[1:3])}): {result.stderr.strip()}")
 
@@ -727,32 +845,14 @@ class LocalDeployment:
 
     def register_nodes(self, nodes: list[Node]) -> None:
         """``flwr supernode register KEY.pub spafl-local`` for each node (in parallel)."""
-        procs: list[tuple[Node, subprocess.Popen]] = []
-        with open(self.logs / "flwr-cli.log", "ab") as cli_log:
-            try:
-                for node in nodes:
-                    command = [self._exe("flwr"), "supernode", "register", str(node.public_key), CONNECTION,
-                               "--format", "json"]
-                    cli_log.write(f"\n=== {' '.join(command)}\n".encode())
-                    cli_log.flush()
-                    procs.append((node, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=cli_log,
-                                                         stdin=subprocess.DEVNULL, env=self.env, cwd=self.out_dir,
-                                                         start_new_session=True)))
-                for node, proc in procs:
-                    try:
-                        out, _ = proc.communicate(timeout=self.start_timeout)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        out, _ = proc.communicate()
-                    cli_log.write(out)
-                    if proc.returncode != 0:
-                        raise DeployError(f"`flwr supernode register` failed for supernode-{node.index}; "
-                                          f"see {self.logs / 'flwr-cli.log'}")
-            finally:
-                for _, proc in procs:
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
+        results = self._flwr_calls(
+            [("supernode", "register", str(node.public_key), CONNECTION, "--format", "json") for node in nodes],
+            timeout=self.start_timeout,
+        )
+        for node, (code, _) in zip(nodes, results):
+            if code != 0:
+                raise DeployError(f"`flwr supernode register` failed for supernode-{node.index}; "
+                                  f"see {self.logs / 'flwr-cli.log'}")
         self.log(f"registered {len(nodes)} SuperNode public key(s)")
 
     def kill_supernode(self, index: int, sig: int = signal.SIGKILL) -> None:
@@ -761,7 +861,9 @@ class LocalDeployment:
         node.process.signal_group(sig)
         node.process.reap(10.0)
         if sig == signal.SIGKILL:
-            _signal_pids(tagged_processes(self.deploy_id, node.process.role), signal.SIGKILL)
+            stragglers = tagged_processes(self.deploy_id, node.process.role)
+            _signal_pids(stragglers, signal.SIGKILL)
+            _wait_gone(stragglers, 5.0)
 
     def stop_supernode(self, index: int) -> list[int]:
         """Stop SuperNode ``index`` gracefully (SIGTERM, SIGKILL after the grace period)."""
@@ -775,20 +877,60 @@ class LocalDeployment:
 
     # ------------------------------------------------------------ runs
 
+    def _flwr_calls(self, calls: list[tuple[str, ...]], timeout: float) -> list[tuple[int, bytes]]:
+        """Run ``flwr`` CLI commands in parallel; return (exit code, stdout) of each, in order.
+
+        Each command runs in a session of its own with its stdout in an
+        unnamed temporary file (never a pipe) and its stderr in
+        ``logs/flwr-cli.log``; the waits poll, so an interrupt surfaces at
+        once. A command that outlives ``timeout`` seconds, or is still running
+        when anything goes wrong (an interrupt included), is killed with its
+        process group; a timeout raises :class:`DeployError`.
+        """
+        import contextlib
+        import tempfile
+
+        procs: list[subprocess.Popen] = []
+        results: list[tuple[int, bytes]] = []
+        deadline = time.monotonic() + timeout
+        with contextlib.ExitStack() as files:
+            cli_log = files.enter_context(open(self.logs / "flwr-cli.log", "ab"))
+            outputs = [files.enter_context(tempfile.TemporaryFile(dir=self.home)) for _ in calls]
+            try:
+                for args, out in zip(calls, outputs):
+                    command = [self._exe("flwr"), *args]
+                    cli_log.write(f"\n=== {' '.join(command)}\n".encode())
+                    cli_log.flush()
+                    procs.append(subprocess.Popen(command, stdout=out, stderr=cli_log, stdin=subprocess.DEVNULL,
+                                                  env={**self.env, DEPLOY_ROLE_ENV: "flwr-cli"}, cwd=self.out_dir,
+                                                  start_new_session=True))
+                for args, proc, out in zip(calls, procs, outputs):
+                    try:
+                        code = proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+                    except subprocess.TimeoutExpired:
+                        raise DeployError(f"`flwr {' '.join(args[:2])}` did not answer within {timeout:.0f} s; "
+                                          f"see {self.logs / 'flwr-cli.log'}") from None
+                    out.seek(0)
+                    stdout = out.read()
+                    cli_log.write(stdout)
+                    results.append((code, stdout))
+            finally:
+                for proc in procs:
+                    if proc.poll() is None:
+                        try:
+                            os.killpg(proc.pid, signal.SIGKILL)
+                        except (ProcessLookupError, PermissionError):
+                            pass
+                        try:
+                            proc.wait(timeout=5.0)
+                        except subprocess.TimeoutExpired:
+                            pass  # it carries the deployment id: stop() sweeps it
+        return results
+
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run a ``flwr`` CLI command against this deployment; stderr goes to ``logs/flwr-cli.log``."""
-        command = [self._exe("flwr"), *args]
-        with open(self.logs / "flwr-cli.log", "ab") as cli_log:
-            cli_log.write(f"\n=== {' '.join(command)}\n".encode())
-            cli_log.flush()
-            try:
-                result = subprocess.run(command, stdout=subprocess.PIPE, stderr=cli_log, stdin=subprocess.DEVNULL,
-                                        env=self.env, cwd=self.out_dir, timeout=timeout, start_new_session=True,
-                                        check=False)
-            except subprocess.TimeoutExpired:
-                raise DeployError(f"`flwr {' '.join(args[:2])}` did not answer within {timeout:.0f} s") from None
-            cli_log.write(result.stdout)
-        return result
+        [(code, stdout)] = self._flwr_calls([args], timeout)
+        return subprocess.CompletedProcess([self._exe("flwr"), *args], code, stdout, None)
 
     def _flwr_json(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         result = self.flwr(*args, "--format", "json", timeout=timeout)
@@ -886,27 +1028,22 @@ class LocalDeployment:
     def stop(self) -> list[int]:
         """Stop every process of the deployment; return the pids of any left alive (normally none).
 
-        All groups get SIGTERM at once (log streams, SuperNodes with their
-        SuperExec and ClientApps, the SuperLink), SIGKILL after the grace period,
-        then whatever still carries the deployment id (the SuperLink's SuperExec
-        and ServerApp run in a session of their own). SIGINT, SIGTERM and SIGHUP
-        are ignored meanwhile, so a second Ctrl-C does not cut the clean-up short.
+        Every group (log streams, SuperNodes with their SuperExec and
+        ClientApps, the SuperLink) and every process that carries the
+        deployment id (the SuperLink's SuperExec and ServerApp run in sessions
+        of their own) gets SIGTERM at once, SIGKILL after the grace period:
+        bounded by ``grace`` + 3 s. SIGINT, SIGTERM and SIGHUP are held back
+        meanwhile and delivered afterwards, so a second Ctrl-C does not cut the
+        clean-up short. Idempotent: calling it again after an interrupted stop
+        finishes the job.
         """
         if self._stopped:
             return self.leftover
-        import threading
-
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        try:
+        with _SignalsHeld():
             self.leftover = stop_processes(self.processes(), self.deploy_id, self.grace)
             self._stopped = True
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if self.leftover:
-            self.log(f"warning: processes still alive after stopping: {self.leftover}")
+            if self.leftover:
+                self.log(f"warning: processes still alive after stopping: {self.leftover}")
         return self.leftover
 
 
@@ -972,9 +1109,12 @@ def deploy_local(
     log: Callable[[str], None] | None = None,
     on_line: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the spafl app on a local SuperLink and ``nodes`` SuperNodes; return the run's summary.json."""
-    from spafl.engine.rundir import CONFIG, SUMMARY
+    """Run the spafl app on a local SuperLink and ``nodes`` SuperNodes; return the run's summary.json.
 
+    Every process it started is stopped before it returns or raises, also on
+    KeyboardInterrupt (see :class:`InterruptGuard` for turning signals into
+    one). It does not import torch: the supervising process stays light.
+    """
     say = log or (lambda line: None)
     out = Path(out_dir).resolve()
     if (out / CONFIG).exists():
@@ -995,14 +1135,16 @@ def deploy_local(
     pyproject = find_app_pyproject()
     out.mkdir(parents=True, exist_ok=True)
     app = stage_app(out / ".flower" / "app", pyproject)
-    with LocalDeployment(out, nodes, tls=tls, auth=auth, app_dir=app, data_dir=data_dir, log=say) as deployment:
-        run_id = deployment.submit(run_config)
-        status = deployment.wait_run(run_id, timeout=timeout, on_line=on_line)
-        if status.get("status") != STATUS_COMPLETED:
-            details = status.get("status-details") or ""
-            raise DeployError(f"run {run_id} ended as {status.get('status')} {details}; see {deployment.logs / 'serverapp.log'}")
-    if deployment.leftover:
-        say(f"warning: {len(deployment.leftover)} Flower process(es) could not be stopped: {deployment.leftover}")
+    deployment = LocalDeployment(out, nodes, tls=tls, auth=auth, app_dir=app, data_dir=data_dir, log=say)
+    try:
+        with deployment:
+            run_id = deployment.submit(run_config)
+            status = deployment.wait_run(run_id, timeout=timeout, on_line=on_line)
+            if status.get("status") != STATUS_COMPLETED:
+                details = status.get("status-details") or ""
+                raise DeployError(f"run {run_id} ended as {status.get('status')} {details}; see {deployment.logs / 'serverapp.log'}")
+    finally:
+        deployment.stop()  # a no-op after a complete stop; finishes one that an interrupt cut short
     summary_path = out / SUMMARY
     if not summary_path.exists():
         raise DeployError(f"run {run_id} finished but wrote no {SUMMARY} in {out}; see {out / 'logs' / 'serverapp.log'}")
