@@ -59,7 +59,7 @@ def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str):
 def assert_same(dense: nn.Module, compact: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> None:
     out_dense, grads_dense = step(dense, x, y, mode)
     out_compact, grads_compact = step(compact, x, y, mode)
-    scale = float(out_dense.abs().max())
+    scale = float(out_dense.detach().abs().max())
     torch.testing.assert_close(out_compact, out_dense, atol=1e-10 * scale, rtol=1e-9)
     assert set(grads_compact) == set(grads_dense)
     for name, grad in grads_dense.items():
