@@ -67,8 +67,8 @@ class ClientRunner:
         self.workers = workers
         self._pool = None
 
-    def _map(self, function, jobs: Iterable) -> Iterator:
-        """``function`` over ``jobs`` in order, holding at most a few jobs per worker in flight (bounded memory)."""
+    def _map(self, function, jobs: Iterable, chunk: int = 0) -> Iterator:
+        """``function`` over ``jobs`` in order; with workers, ``chunk`` jobs at a time (bounded memory; 0: 16 per worker)."""
         if self.workers <= 1:
             _inherited.update(algorithm=self.algorithm, clients=self.clients, eval_batch_size=self.eval_batch_size)
             yield from map(function, jobs)
@@ -77,12 +77,24 @@ class ClientRunner:
             _inherited.update(algorithm=self.algorithm, clients=self.clients, eval_batch_size=self.eval_batch_size)
             self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_start_worker)
         jobs = iter(jobs)
-        while chunk := list(islice(jobs, 4 * self.workers)):
-            yield from self._pool.imap(function, chunk)
+        while batch := list(islice(jobs, chunk or 16 * self.workers)):
+            yield from self._pool.imap(function, batch)
 
-    def train(self, jobs: Iterable[tuple[int, State, Message, ClientTask]]) -> Iterator[ClientResult]:
-        """``client_update`` of each ``(client_id, state, message, task)``, results in job order."""
-        return self._map(_train, jobs)
+    def train(self, jobs: list[tuple[int, State, Message, ClientTask]]) -> list[ClientResult]:
+        """``client_update`` of each ``(client_id, state, message, task)``, results in job order.
+
+        With workers, the clients with the most training samples start first
+        (longest job first), so that no worker is left with a big client at
+        the end of the round; the result of a client does not depend on when
+        or where it runs.
+        """
+        if self.workers <= 1:
+            return list(self._map(_train, jobs))
+        order = sorted(range(len(jobs)), key=lambda j: -self.clients[jobs[j][0]].num_train)
+        results: list[ClientResult | None] = [None] * len(jobs)
+        for position, result in zip(order, self._map(_train, [jobs[j] for j in order], chunk=len(jobs))):
+            results[position] = result
+        return results  # type: ignore[return-value]
 
     def evaluate(self, jobs: Iterable[tuple[int, dict[str, torch.Tensor]]]) -> Iterator[ClientEval]:
         """``evaluate_client`` of each ``(client_id, weights)``, results in job order."""
