@@ -112,7 +112,7 @@ class Config:
     threads: int = _num(0, "torch CPU threads of the main process, and of each client's computation when workers=1 (0 = number of cores)", 0)
     workers: int = _num(
         0, "processes that run a round's clients side by side, one thread each; results equal workers=1 with threads=1 "
-        "(0 = one per core on a multi-core CPU, at most clients_per_round; 1 = all in the main process)", 0,
+        "(0 = one per core on a multi-core Linux CPU, at most clients_per_round; 1 = all in the main process)", 0,
     )
     record_masks: tuple = _int_list("rounds at which to record every client's kept-unit masks (comma-separated)")
     execution: str = _choice(

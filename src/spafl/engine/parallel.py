@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
@@ -33,11 +34,17 @@ _inherited: dict[str, Any] = {}
 
 
 def resolve_workers(requested: int, device: str, clients_per_round: int) -> int:
-    """``workers=0`` (auto): one per core on a multi-core CPU where fork exists, at most one per sampled client."""
+    """``workers=0`` (auto): one per core on a multi-core Linux CPU, at most one per sampled client.
+
+    Auto stays at 1 elsewhere: forking a process that has initialized torch is
+    only dependable on Linux. An explicit ``workers`` needs the fork start method.
+    """
     if device != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
         return 1
     if requested > 0:
         return requested
+    if not sys.platform.startswith("linux"):
+        return 1
     return max(1, min(os.cpu_count() or 1, clients_per_round))
 
 
