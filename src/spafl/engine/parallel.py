@@ -76,12 +76,12 @@ class ClientRunner:
 
     def _map(self, function, jobs: Iterable, chunk: int = 0) -> Iterator:
         """``function`` over ``jobs`` in order; with workers, ``chunk`` jobs at a time (bounded memory; 0: 16 per worker)."""
-        if self.workers <= 1:
+        if self.workers <= 1 or self._pool is None:  # in this process, or just before the workers fork
             _inherited.update(algorithm=self.algorithm, clients=self.clients, eval_batch_size=self.eval_batch_size)
+        if self.workers <= 1:
             yield from map(function, jobs)
             return
         if self._pool is None:
-            _inherited.update(algorithm=self.algorithm, clients=self.clients, eval_batch_size=self.eval_batch_size)
             self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_start_worker)
         jobs = iter(jobs)
         while batch := list(islice(jobs, chunk or 16 * self.workers)):

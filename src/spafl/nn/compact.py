@@ -132,7 +132,7 @@ class _CompactBatchNorm:
         mean = var = None
         if bn.running_mean is not None:
             mean, var = bn.running_mean.index_select(0, index), bn.running_var.index_select(0, index)
-        values = F.batch_norm(x.values, mean, var, weight, bias, bn.training or bn.running_mean is None, factor, bn.eps)
+        values = F.batch_norm(x.values, mean, var, weight, bias, batch_stats, factor, bn.eps)
         constant = x.fill if x.fill is not None else x.values.new_zeros(dropped.numel())
         if batch_stats:
             # a constant channel has batch mean = the constant and variance 0: it normalizes to 0
@@ -146,8 +146,8 @@ class _CompactBatchNorm:
             with torch.no_grad():
                 bn.running_mean.index_copy_(0, index, mean)
                 bn.running_var.index_copy_(0, index, var)
-                kept_mean = bn.running_mean.index_select(0, dropped)
-                bn.running_mean.index_copy_(0, dropped, kept_mean * (1 - factor) + factor * constant.detach())
+                dropped_mean = bn.running_mean.index_select(0, dropped)
+                bn.running_mean.index_copy_(0, dropped, dropped_mean * (1 - factor) + factor * constant.detach())
                 bn.running_var.index_copy_(0, dropped, bn.running_var.index_select(0, dropped) * (1 - factor))
         return x.with_values(values, fill)
 

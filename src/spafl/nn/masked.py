@@ -104,16 +104,19 @@ class MaskedLayer(nn.Module):
     def _trains_thresholds(self) -> bool:
         return self.threshold.requires_grad and torch.is_grad_enabled()
 
-    def _current_mask(self) -> torch.Tensor:
-        """This forward's mask: with the estimator attached while thresholds train, a constant otherwise."""
+    def _current_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This forward's mask (with the estimator attached while thresholds train, a constant otherwise) and s - tau, detached."""
         self._apply_collapse_guard()
         if self._trains_thresholds():
-            mask = self.unit_mask()
+            gap = self.unit_scores() - self.threshold
+            mask = step(gap, self.ste)
         else:
-            mask = self.kept_units().to(self.weight.dtype)
+            with torch.no_grad():
+                gap = self.unit_scores() - self.threshold
+            mask = (gap > 0).to(self.weight.dtype)
         with torch.no_grad():
             self.kept_fraction.copy_(mask.detach().mean())
-        return mask
+        return mask, gap.detach()
 
     def _unit_view(self, mask: torch.Tensor) -> torch.Tensor:
         return mask.view(-1, *([1] * (self.weight.dim() - 1)))
@@ -126,7 +129,7 @@ class MaskedLayer(nn.Module):
         """
         if not self.masking:
             return self.weight, self.bias
-        mask = self._current_mask()
+        mask, _ = self._current_mask()
         weight = self.weight * self._unit_view(mask)
         bias = None if self.bias is None else self.bias * mask
         return weight, bias
@@ -147,20 +150,18 @@ class MaskedLayer(nn.Module):
         weight, bias = self.masked_parameters()
         return self._compute(full(x), weight, bias)
 
-    def _pruned_units_need_no_gradient(self, kept: torch.Tensor) -> bool:
+    def _pruned_units_need_no_gradient(self, gap: torch.Tensor, kept: torch.Tensor) -> bool:
         """Whether dropping the pruned units leaves every gradient unchanged (module docstring of spafl.nn.compact)."""
         if not self._trains_thresholds() or self.compact_role == "relu":
             return True
-        with torch.no_grad():
-            gap = self.weight.abs().flatten(1).mean(dim=1) - self.threshold
-            return not bool(step_derivative(gap[~kept], self.ste).any())
+        return not bool(step_derivative(gap[~kept], self.ste).any())
 
     def _compact_forward(self, x: torch.Tensor | Sliced) -> torch.Tensor | Sliced:
-        mask = self._current_mask()
-        kept = mask.detach() > 0
+        mask, gap = self._current_mask()
+        kept = gap > 0
         num_kept = int(kept.sum())
         rows = None
-        if 0 < num_kept < self.num_units and self._drops_units() and self._pruned_units_need_no_gradient(kept):
+        if 0 < num_kept < self.num_units and self._drops_units() and self._pruned_units_need_no_gradient(gap, kept):
             rows = kept.nonzero().squeeze(1)
         weight, bias = self.weight, self.bias
         self.computed_units = self.num_units if rows is None else num_kept
