@@ -26,6 +26,19 @@ from torch import nn
 from spafl.nn import masked_layers
 
 
+def _conv_output_size(conv: nn.Conv2d, size) -> tuple[int, int]:
+    """Height and width of ``conv``'s output for an input of spatial ``size``."""
+    if isinstance(conv.padding, str):
+        return tuple(size) if conv.padding == "same" else _conv_output_size_for(conv, size, (0, 0))
+    return _conv_output_size_for(conv, size, conv.padding)
+
+
+def _conv_output_size_for(conv: nn.Conv2d, size, padding) -> tuple[int, int]:
+    return tuple(
+        (size[d] + 2 * padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1 for d in (0, 1)
+    )
+
+
 @torch.no_grad()
 def dense_macs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """Multiply-accumulates of each masked layer for one input of ``input_shape`` (C, H, W)."""
@@ -36,7 +49,11 @@ def dense_macs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> dic
         def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
             weight = module.weight
             per_output = weight[0].numel()  # incoming weights of one unit
-            outputs_per_sample = output[0].numel()  # units x positions for one sample
+            if isinstance(module, nn.Conv2d):  # its output may already be pooled (relu_pool)
+                positions = math.prod(_conv_output_size(module, inputs[0].shape[-2:]))
+                outputs_per_sample = module.out_channels * positions
+            else:
+                outputs_per_sample = output[0].numel()  # units x positions for one sample
             macs[name] = int(per_output * outputs_per_sample)
 
         return hook

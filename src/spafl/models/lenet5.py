@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from spafl.nn import MaskedConv2d, MaskedLinear
-from spafl.nn.compact import flatten, max_pool2d, relu
+from spafl.nn.compact import flatten, relu
 
 
 class LeNet5(nn.Module):
@@ -41,7 +41,7 @@ class LeNet5(nn.Module):
         self.fc2 = MaskedLinear(500, num_classes, bias=False, **masked)
 
     def forward(self, x):
-        x = max_pool2d(relu(self.conv1(x)), 2)  # 28 → 24 → 12
-        x = max_pool2d(relu(self.conv2(x)), 2)  # 12 → 8 → 4
+        x = self.conv1(x, relu_pool=2)  # max_pool2d(relu(conv1(x)), 2): 28 → 24 → 12
+        x = self.conv2(x, relu_pool=2)  # 12 → 8 → 4
         x = relu(self.fc1(flatten(x)))
         return self.fc2(x)

@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spafl.nn.kernels import relu_max_pool2x2
+
 #: Roles a model may declare for a masked layer's output.
 ROLES = ("relu", "norm", "logits")
 
@@ -98,6 +100,18 @@ def max_pool2d(x: torch.Tensor | Sliced, kernel_size: int) -> torch.Tensor | Sli
     if isinstance(x, Sliced):
         return x.with_values(F.max_pool2d(x.values, kernel_size), x.fill)
     return F.max_pool2d(x, kernel_size)
+
+
+def relu_max_pool2d(x: torch.Tensor | Sliced, kernel_size: int, fused: bool = False) -> torch.Tensor | Sliced:
+    """``max_pool2d(relu(x), kernel_size)``; ``fused`` (compact execution) computes a 2 x 2 pool without ``max_pool2d``.
+
+    Both give bit-identical values and gradients (see :func:`spafl.nn.kernels.relu_max_pool2x2`).
+    """
+    if not fused or kernel_size != 2:
+        return max_pool2d(relu(x), kernel_size)
+    if isinstance(x, Sliced):
+        return x.with_values(relu_max_pool2x2(x.values), None if x.fill is None else F.relu(x.fill))
+    return relu_max_pool2x2(x)
 
 
 def flatten(x: torch.Tensor | Sliced) -> torch.Tensor | Sliced:

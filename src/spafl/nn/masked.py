@@ -25,12 +25,60 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from spafl.nn.compact import Sliced, full
+from spafl.nn.compact import Sliced, full, relu_max_pool2d
+from spafl.nn.kernels import unfolded_conv2d, unfolded_conv_relu_pool2x2
 from spafl.nn.ste import STE_NAMES, step, step_derivative
 
 #: A layer whose kept fraction falls to this or below gets its thresholds reset.
 COLLAPSE_FRACTION = 0.01
+
+#: Compact execution computes a conv with at most this fan-in (in_channels * kh * kw) from unfolded windows.
+UNFOLD_MAX_FAN_IN = 75
+
+
+class _KeptUnits(torch.autograd.Function):
+    """``(W~[rows], b~[rows])``, the kept units of the masked weights, with the gradients autograd would give.
+
+    A kept unit's mask is exactly 1, so the values are ``W[rows]`` and
+    ``b[rows]``. Backward gives, for a kept unit i (``derivative`` = the
+    estimator's step'(s_i - tau_i), None while thresholds are frozen)::
+
+        dL/dm_i   = sum_j g_ij W_ij (+ g_bias_i b_i)
+        dL/dW_ij  = g_ij + step'_i dL/dm_i sign(W_ij) / n_i      dL/dtau_i = -step'_i dL/dm_i
+
+    and 0 for a dropped unit, which is what the dense masked computation
+    gives wherever :mod:`spafl.nn.compact` drops units. One function instead
+    of the autograd graph of ``|W|``, its mean, the step and the product
+    saves several passes over the whole weight per step.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, bias, threshold, rows, derivative):  # type: ignore[override]
+        ctx.save_for_backward(weight, bias, rows, derivative)
+        ctx.num_units = threshold.shape[0]
+        return weight.index_select(0, rows), (None if bias is None else bias.index_select(0, rows))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_weight, grad_bias):  # type: ignore[override]
+        weight, bias, rows, derivative = ctx.saved_tensors
+        grad_rows, grad_threshold = grad_weight, None
+        if derivative is not None:
+            kept = weight.index_select(0, rows)
+            grad_mask = (grad_weight * kept).flatten(1).sum(1)
+            if bias is not None and grad_bias is not None:
+                grad_mask = grad_mask + grad_bias * bias.index_select(0, rows)
+            grad_mask = grad_mask * derivative
+            grad_threshold = grad_mask.new_zeros(ctx.num_units).index_copy_(0, rows, -grad_mask)
+            fan_in = kept[0].numel()
+            grad_rows = grad_weight + (grad_mask / fan_in).view(-1, *([1] * (kept.dim() - 1))) * kept.sign()
+        grad_full = torch.zeros_like(weight).index_copy_(0, rows, grad_rows)
+        grad_b = None
+        if bias is not None and grad_bias is not None:
+            grad_b = torch.zeros_like(bias).index_copy_(0, rows, grad_bias)
+        return grad_full, grad_b, grad_threshold, None, None
 
 
 class MaskedLayer(nn.Module):
@@ -134,7 +182,7 @@ class MaskedLayer(nn.Module):
         bias = None if self.bias is None else self.bias * mask
         return weight, bias
 
-    def _compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu_pool: int) -> torch.Tensor:
         raise NotImplementedError
 
     def _constant_input(self, weight: torch.Tensor, x: Sliced) -> torch.Tensor | None:
@@ -144,11 +192,14 @@ class MaskedLayer(nn.Module):
     def _accepts_sliced(self, x: Sliced) -> bool:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor | Sliced) -> torch.Tensor | Sliced:
+    def forward(self, x: torch.Tensor | Sliced, relu_pool: int = 0) -> torch.Tensor | Sliced:
+        """The layer's output; with ``relu_pool=k`` (convs), ``max_pool2d(relu(output), k)``, which compact execution may fuse."""
+        if relu_pool and self.compact_role not in (None, "relu"):
+            raise ValueError(f"relu_pool needs the layer's output to go into ReLU, but its compact role is {self.compact_role!r}")
         if self.compact and self.masking:
-            return self._compact_forward(x)
+            return self._compact_forward(x, relu_pool)
         weight, bias = self.masked_parameters()
-        return self._compute(full(x), weight, bias)
+        return self._compute(full(x), weight, bias, relu_pool)
 
     def _pruned_units_need_no_gradient(self, gap: torch.Tensor, kept: torch.Tensor) -> bool:
         """Whether dropping the pruned units leaves every gradient unchanged (module docstring of spafl.nn.compact)."""
@@ -156,29 +207,27 @@ class MaskedLayer(nn.Module):
             return True
         return not bool(step_derivative(gap[~kept], self.ste).any())
 
-    def _compact_forward(self, x: torch.Tensor | Sliced) -> torch.Tensor | Sliced:
+    def _compact_forward(self, x: torch.Tensor | Sliced, relu_pool: int) -> torch.Tensor | Sliced:
         mask, gap = self._current_mask()
         kept = gap > 0
         num_kept = int(kept.sum())
         rows = None
         if 0 < num_kept < self.num_units and self._drops_units() and self._pruned_units_need_no_gradient(gap, kept):
             rows = kept.nonzero().squeeze(1)
-        weight, bias = self.weight, self.bias
         self.computed_units = self.num_units if rows is None else num_kept
-        if rows is not None:
-            weight = weight.index_select(0, rows)
-            bias = None if bias is None else bias.index_select(0, rows)
-            mask = mask.index_select(0, rows)
-        if rows is None or self._trains_thresholds():  # a kept unit's mask is exactly 1; multiply only for its gradient
-            weight = weight * self._unit_view(mask)
-            bias = None if bias is None else bias * mask
+        if rows is None:
+            weight = self.weight * self._unit_view(mask)
+            bias = None if self.bias is None else self.bias * mask
+        else:
+            derivative = step_derivative(gap.index_select(0, rows), self.ste) if self._trains_thresholds() else None
+            weight, bias = _KeptUnits.apply(self.weight, self.bias, self.threshold, rows, derivative)
         if isinstance(x, Sliced) and self._accepts_sliced(x):
             constant = self._constant_input(weight, x)
             if constant is not None:
                 bias = constant if bias is None else bias + constant
-            out = self._compute(x.values, weight.index_select(1, x.index), bias)
+            out = self._compute(x.values, weight.index_select(1, x.index), bias, relu_pool)
         else:
-            out = self._compute(full(x), weight, bias)
+            out = self._compute(full(x), weight, bias, relu_pool)
         if rows is None:
             return out
         dim = self._unit_dim(out)
@@ -217,7 +266,9 @@ class MaskedLinear(MaskedLayer, nn.Linear):
         """n_i' of the importance update: ``in_features`` (SPEC §4 step 3)."""
         return self.in_features
 
-    def _compute(self, x, weight, bias):
+    def _compute(self, x, weight, bias, relu_pool):
+        if relu_pool:
+            raise ValueError("relu_pool applies to convolutions only")
         return F.linear(x, weight, bias)
 
     def _accepts_sliced(self, x):
@@ -267,8 +318,22 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
         """n_i' of the importance update: kernel area kh*kw, as the reference (SPEC §4 step 3)."""
         return self.kernel_size[0] * self.kernel_size[1]
 
-    def _compute(self, x, weight, bias):
-        return self._conv_forward(x, weight, bias)
+    def _compute(self, x, weight, bias, relu_pool):
+        unfolds = self.compact and self._unfolds(x)
+        if unfolds and relu_pool == 2 and bias is None and self.stride == (1, 1) and self.dilation == (1, 1):
+            return unfolded_conv_relu_pool2x2(x, weight, self.padding)
+        if unfolds:
+            out = unfolded_conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        else:
+            out = self._conv_forward(x, weight, bias)
+        return relu_max_pool2d(out, relu_pool, fused=self.compact) if relu_pool else out
+
+    def _unfolds(self, x: torch.Tensor) -> bool:
+        """Whether compact execution computes this conv as a matrix product (small fan-in, no input gradient)."""
+        return (
+            self.fan_in <= UNFOLD_MAX_FAN_IN and self.groups == 1 and not isinstance(self.padding, str)
+            and not (x.requires_grad and torch.is_grad_enabled())
+        )
 
     def _drops_units(self):
         return self.groups == 1  # a subset of filters would regroup the input channels

@@ -1,0 +1,181 @@
+"""CPU kernels for compact execution, built from PyTorch ops that run fast on small maps.
+
+On a small CPU, three things dominate LeNet-5-sized training steps: a
+convolution with a small fan-in (the first layer: one or three image
+channels), ``max_pool2d``, and element-wise ops on stride-2 views. Each
+kernel here computes exactly what the plain PyTorch composition computes:
+
+* :func:`relu_max_pool2x2`: ``max_pool2d(relu(x), 2)``, bit-identical values
+  and gradients;
+* :func:`unfolded_conv2d`: ``conv2d`` as one matrix product with the
+  unfolded input windows (equal up to float summation order);
+* :func:`unfolded_conv_relu_pool2x2`: both at once, for an input that needs
+  no gradient (an image batch), with every intermediate in contiguous memory.
+
+Measured figures are in ``benchmarks/README.md`` (``sparse_step.py``).
+
+Layout: unfolded windows are a ``[C*kh*kw, positions*N]`` matrix whose columns
+run over the batch fastest, so unfolding copies runs of N contiguous values
+and a matrix product gives ``[out_channels, positions, N]``; outputs are
+returned as ``[N, C, H, W]`` views of that memory (PyTorch's element-wise ops
+and convolutions accept any strides).
+
+PyTorch's comparisons into ``bool`` tensors and ``masked_fill`` are several
+times slower on CPU than float arithmetic, so 0/1 indicators are written
+into float tensors (``torch.eq(a, b, out=float_tensor)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _windows(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation) -> tuple[torch.Tensor, int, int]:
+    """``x``'s conv windows as a ``[C*kh*kw, oh*ow*N]`` matrix (columns: output row, output column, sample), and oh, ow."""
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    kh, kw = kernel
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    n, channels, height, width = x.shape
+    oh = (height - dh * (kh - 1) - 1) // sh + 1
+    ow = (width - dw * (kw - 1) - 1) // sw + 1
+    batch_last = x.permute(1, 2, 3, 0).contiguous()  # [C, H, W, N]
+    row, col = width * n, n
+    size = (channels, kh, kw, oh, ow, n)
+    strides = (height * row, dh * row, dw * col, sh * row, sw * col, 1)
+    return batch_last.as_strided(size, strides).reshape(channels * kh * kw, -1), oh, ow
+
+
+def _pooled_windows(x: torch.Tensor, kernel: tuple[int, int], padding) -> tuple[torch.Tensor, int, int]:
+    """Windows of a stride-1 conv ordered for 2 x 2 pooling of its output: ``[C*kh*kw, 4*h*w*N]``, and h, w.
+
+    Columns run over (window row offset a, window column offset b, pooled
+    row i, pooled column j, sample), so the four corners of all pooling
+    windows are four contiguous blocks. Entry ``(c, ki, kj), (a, b, i, j, n)``
+    is ``x[n, c, 2i + a + ki, 2j + b + kj]``. Built in three copies that each
+    move long contiguous runs: split the columns by parity (batch last),
+    gather every (row offset a + ki, column offset b + kj) block once, then
+    expand to (ki, a) x (kj, b).
+    """
+    kh, kw = kernel
+    ph, pw = _pair(padding)
+    n, channels, height, width = x.shape
+    h, w = (height + 2 * ph - kh + 1) // 2, (width + 2 * pw - kw + 1) // 2
+    spans = (kw + 2) // 2  # column offsets s = b + kj = 2 * v + p with v < spans, p in {0, 1}
+    half = w + spans - 1  # columns per parity that the blocks read
+    x = F.pad(x, (pw, 2 * half - width - pw, ph, ph))  # a negative pad crops unread columns
+    rows = x.shape[2]
+    split = x.view(n, channels, rows, half, 2).permute(1, 2, 4, 3, 0).contiguous()  # [C, H, parity, W/2, N]
+    s_c, s_r, s_p, s_v = split.stride()[:4]
+    blocks = split.as_strided(
+        (channels, kh + 1, spans, 2, h, w, n), (s_c, s_r, s_v, s_p, 2 * s_r, s_v, 1)
+    ).reshape(channels, kh + 1, 2 * spans, h, w, n)  # [C, row offset, column offset, h, w, N]
+    b_c, b_t, b_s, b_i, b_j = blocks.stride()[:5]
+    windows = blocks.as_strided((channels, kh, kw, 2, 2, h, w, n), (b_c, b_t, b_s, b_t, b_s, b_i, b_j, 1))
+    return windows.reshape(channels * kh * kw, 4 * h * w * n), h, w
+
+
+def unfolded_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation) -> torch.Tensor:
+    """``conv2d(x, weight, bias, stride, padding, dilation)`` (groups 1) as one matrix product.
+
+    For a small fan-in (a first layer over one to three image channels) this
+    is several times faster on CPU than PyTorch's convolution, forward and
+    weight gradient alike. ``x`` gets no gradient: use it where it needs none.
+    """
+    n = x.shape[0]
+    out_channels = weight.shape[0]
+    windows, oh, ow = _windows(x.detach(), tuple(weight.shape[2:]), stride, padding, dilation)
+    out = (weight.reshape(out_channels, -1) @ windows).view(out_channels, oh, ow, n).permute(3, 0, 1, 2)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+class _ConvReluPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, padding):  # type: ignore[override]
+        n, k = x.shape[0], weight.shape[0]
+        windows, h, w = _pooled_windows(x, tuple(weight.shape[2:]), padding)
+        out = (weight.reshape(k, -1) @ windows).view(k, 4, h, w, n)  # corners (0,0), (0,1), (1,0), (1,1)
+        top = torch.maximum(torch.maximum(out[:, 0], out[:, 1]), torch.maximum(out[:, 2], out[:, 3]))
+        ctx.save_for_backward(windows, out, top)
+        ctx.weight_shape = weight.shape
+        return top.clamp_min(0).permute(3, 0, 1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        windows, out, top = ctx.saved_tensors
+        grad_out = torch.empty_like(out)
+        _route_to_first_maximum(grad.permute(1, 2, 3, 0), out.unbind(1), top, grad_out.unbind(1))
+        grad_weight = grad_out.view(out.shape[0], -1) @ windows.t()
+        return None, grad_weight.view(ctx.weight_shape), None
+
+
+def unfolded_conv_relu_pool2x2(x: torch.Tensor, weight: torch.Tensor, padding) -> torch.Tensor:
+    """``max_pool2d(relu(conv2d(x, weight, padding=padding)), 2)`` (stride 1, dilation 1) for an ``x`` that needs no gradient.
+
+    Values and the weight's gradient equal the composition up to float
+    summation order (the matrix product); the pooling and its gradient are
+    those of :func:`relu_max_pool2x2`.
+    """
+    return _ConvReluPool.apply(x.detach(), weight, padding)
+
+
+def _route_to_first_maximum(grad, corners, top, routed) -> None:
+    """Write into ``routed`` the gradients of the four ``corners`` of ``relu(max(corners))``, as ``max_pool2d(relu(.))`` gives them.
+
+    A window's gradient goes to its first corner equal to the maximum (the
+    order of ``corners`` is the windows' row-major order), and nowhere when
+    the maximum is <= 0, where ReLU passes nothing.
+    """
+    indicator = torch.empty_like(top)
+    remaining = torch.empty_like(top)
+    torch.mul(grad, torch.gt(top, 0, out=indicator), out=remaining)
+    for corner, routed_corner in zip(corners, routed):
+        torch.mul(remaining, torch.eq(corner, top, out=indicator), out=routed_corner)
+        remaining -= routed_corner  # exactly 0 where this corner took the gradient
+
+
+class _ReluMaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        h, w = x.shape[-2] // 2, x.shape[-1] // 2
+        windows = x[..., : 2 * h, : 2 * w].unflatten(-1, (w, 2)).unflatten(-3, (h, 2))  # [..., h, 2, w, 2]
+        corners = windows.movedim((-3, -1), (0, 1)).reshape(4, *x.shape[:-2], h, w)  # one strided copy
+        top = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
+        ctx.save_for_backward(corners, top)
+        ctx.input_shape = x.shape
+        return top.clamp_min(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        corners, top = ctx.saved_tensors
+        routed = torch.empty_like(corners)  # [4, ..., h, w]
+        _route_to_first_maximum(grad, corners.unbind(0), top, routed.unbind(0))
+        h, w = top.shape[-2:]
+        lead = top.shape[:-2]
+        grad_windows = routed.view(2, 2, *lead, h, w).movedim((0, 1), (-3, -1)).reshape(*lead, 2 * h, 2 * w)
+        if grad_windows.shape == ctx.input_shape:
+            return grad_windows
+        grad_x = grad.new_zeros(ctx.input_shape)
+        grad_x[..., : 2 * h, : 2 * w] = grad_windows
+        return grad_x
+
+
+def relu_max_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(relu(x), 2)``, with bit-identical values and gradients.
+
+    ReLU after the maximum equals the maximum after ReLU, and neither rounds.
+    Each window's gradient goes to its first maximum in row-major order, as
+    in ``max_pool2d``, and nowhere when the maximum is <= 0. The four window
+    corners are copied apart once; every other op runs on contiguous memory
+    (PyTorch's CPU ``max_pool2d`` and element-wise ops on stride-2 views are
+    slow on many small maps).
+    """
+    return _ReluMaxPool.apply(x)
