@@ -55,6 +55,9 @@ def resolve_workers(requested: int, device: str, clients_per_round: int) -> int:
 
 def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a handler inherited from the parent (a Python one runs only between bytecodes) must not keep a worker alive
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     torch.set_num_threads(1)
 
 
@@ -112,12 +115,15 @@ class ClientRunner:
             self._warm = True
         _inherited.update(function=function, jobs=jobs)
         results: list = [None] * len(jobs)
+        pool = multiprocessing.get_context("fork").Pool(min(self.workers, len(jobs)), initializer=_start_worker)
         try:
-            with multiprocessing.get_context("fork").Pool(min(self.workers, len(jobs)), initializer=_start_worker) as pool:
-                for position, result in zip(order, pool.imap(_run_inherited, order)):
-                    results[position] = result
+            for position, result in zip(order, pool.imap(_run_inherited, order)):
+                results[position] = result
+            pool.close()  # workers finish and exit on their own
         finally:
             _inherited.pop("jobs")
+            pool.terminate()
+            pool.join()
         return results
 
     def train(self, jobs: list[tuple[int, State, Message, ClientTask]]) -> list[ClientResult]:
