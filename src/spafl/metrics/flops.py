@@ -24,19 +24,15 @@ import torch
 from torch import nn
 
 from spafl.nn import masked_layers
+from spafl.nn.kernels import conv_output_size
 
 
 def _conv_output_size(conv: nn.Conv2d, size) -> tuple[int, int]:
     """Height and width of ``conv``'s output for an input of spatial ``size``."""
-    if isinstance(conv.padding, str):
-        return tuple(size) if conv.padding == "same" else _conv_output_size_for(conv, size, (0, 0))
-    return _conv_output_size_for(conv, size, conv.padding)
-
-
-def _conv_output_size_for(conv: nn.Conv2d, size, padding) -> tuple[int, int]:
-    return tuple(
-        (size[d] + 2 * padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1 for d in (0, 1)
-    )
+    if conv.padding == "same":
+        return tuple(size)  # type: ignore[return-value]
+    padding = (0, 0) if conv.padding == "valid" else conv.padding
+    return conv_output_size(size, conv.kernel_size, conv.stride, padding, conv.dilation)
 
 
 @torch.no_grad()

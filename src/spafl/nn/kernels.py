@@ -36,15 +36,22 @@ def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def conv_output_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """Height and width of a conv's output for an input of spatial ``size`` (integer padding)."""
+    kernel, stride, padding, dilation = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+    return tuple(  # type: ignore[return-value]
+        (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in (0, 1)
+    )
+
+
 def _windows(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation) -> tuple[torch.Tensor, int, int]:
     """``x``'s conv windows as a ``[C*kh*kw, oh*ow*N]`` matrix (columns: output row, output column, sample), and oh, ow."""
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     kh, kw = kernel
+    oh, ow = conv_output_size(x.shape[-2:], kernel, stride, padding, dilation)
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
     n, channels, height, width = x.shape
-    oh = (height - dh * (kh - 1) - 1) // sh + 1
-    ow = (width - dw * (kw - 1) - 1) // sw + 1
     batch_last = x.permute(1, 2, 3, 0).contiguous()  # [C, H, W, N]
     row, col = width * n, n
     size = (channels, kh, kw, oh, ow, n)
@@ -66,7 +73,8 @@ def _pooled_windows(x: torch.Tensor, kernel: tuple[int, int], padding) -> tuple[
     kh, kw = kernel
     ph, pw = _pair(padding)
     n, channels, height, width = x.shape
-    h, w = (height + 2 * ph - kh + 1) // 2, (width + 2 * pw - kw + 1) // 2
+    oh, ow = conv_output_size((height, width), kernel, 1, padding, 1)
+    h, w = oh // 2, ow // 2
     spans = (kw + 2) // 2  # column offsets s = b + kj = 2 * v + p with v < spans, p in {0, 1}
     half = w + spans - 1  # columns per parity that the blocks read
     x = F.pad(x, (pw, 2 * half - width - pw, ph, ph))  # a negative pad crops unread columns

@@ -38,6 +38,11 @@ COLLAPSE_FRACTION = 0.01
 UNFOLD_MAX_FAN_IN = 75
 
 
+def per_unit(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``values`` (one per unit, ``[out]``) shaped to broadcast over ``weight``'s rows."""
+    return values.view(-1, *([1] * (weight.dim() - 1)))
+
+
 class _KeptUnits(torch.autograd.Function):
     """``(W~[rows], b~[rows])``, the kept units of the masked weights, with the gradients autograd would give.
 
@@ -73,7 +78,7 @@ class _KeptUnits(torch.autograd.Function):
             grad_mask = grad_mask * derivative
             grad_threshold = grad_mask.new_zeros(ctx.num_units).index_copy_(0, rows, -grad_mask)
             fan_in = kept[0].numel()
-            grad_rows = grad_weight + (grad_mask / fan_in).view(-1, *([1] * (kept.dim() - 1))) * kept.sign()
+            grad_rows = grad_weight + per_unit(grad_mask / fan_in, kept) * kept.sign()
         grad_full = torch.zeros_like(weight).index_copy_(0, rows, grad_rows)
         grad_b = None
         if bias is not None and grad_bias is not None:
@@ -167,7 +172,7 @@ class MaskedLayer(nn.Module):
         return mask, gap.detach()
 
     def _unit_view(self, mask: torch.Tensor) -> torch.Tensor:
-        return mask.view(-1, *([1] * (self.weight.dim() - 1)))
+        return per_unit(mask, self.weight)
 
     def masked_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(W~, b~)`` for this forward pass; updates ``kept_fraction``.
