@@ -117,8 +117,9 @@ class Config:
     record_masks: tuple = _int_list("rounds at which to record every client's kept-unit masks (comma-separated)")
     execution: str = _choice(
         "fast", ("fast", "reference"),
-        "fast: contiguous client tensors and compact (kept-units-only) compute where exact; "
-        "reference: a per-sample dataset behind a DataLoader and dense layers times the 0/1 mask, as the reference code",
+        "fast: contiguous client tensors, compact (kept-units-only) compute where exact, and no re-evaluation of a client "
+        "whose state has not changed since its last evaluation; reference: a per-sample dataset behind a DataLoader, "
+        "dense layers times the 0/1 mask and every client evaluated anew, as the reference code",
     )
     client_store: str = _choice(
         "auto", ("auto", "memory", "disk"),

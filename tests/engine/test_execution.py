@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from spafl.engine.federation import build_federation
 from spafl.engine.rundir import METRICS, read_metrics
 from spafl.engine.simulator import Simulator
+from spafl.seeding import sample_clients
 from tests.helpers import small_config
 
 
@@ -36,3 +39,37 @@ def test_worker_processes_give_exactly_the_serial_single_thread_run(tmp_path, sy
         rows[workers] = [{k: v for k, v in row.items() if k != "seconds"} for row in read_metrics(tmp_path / str(workers) / METRICS)]
     assert rows[1] == rows[2]
     assert rows[2][-1]["replies"] == 3
+
+
+def evaluated_ids(simulator):
+    """Record the client ids the runner evaluates, one list per evaluation."""
+    calls = []
+    original = simulator.runner.evaluate
+
+    def recording(jobs):
+        calls.append([])
+        for job in jobs:
+            calls[-1].append(job[0])
+            yield job
+
+    simulator.runner.evaluate = lambda jobs: original(recording(jobs))
+    return calls
+
+
+@pytest.mark.parametrize("update", ["before_training", "all_after_aggregation"])
+def test_fast_path_evaluates_again_only_changed_clients_and_gives_the_same_rows(tmp_path, synthetic, monkeypatch, update):
+    rows, calls = {}, {}
+    for memo in (True, False):
+        config = small_config(rounds=3, num_clients=6, clients_per_round=2, importance_update=update)
+        simulator = Simulator(config, tmp_path / str(memo), federation=build_federation(config, synthetic), progress=False)
+        calls[memo] = evaluated_ids(simulator)
+        if not memo:
+            monkeypatch.setattr(simulator, "_evaluation_memo", lambda clients: {})
+        simulator.run()
+        rows[memo] = [{k: v for k, v in row.items() if k != "seconds"} for row in read_metrics(tmp_path / str(memo) / METRICS)]
+    assert rows[True] == rows[False]
+    assert calls[False] == [list(range(6))] * 4
+    if update == "before_training":  # only the trained clients changed
+        assert calls[True] == [list(range(6))] + [sorted(sample_clients(0, t, 6, 2)) for t in range(3)]
+    else:  # every client received the broadcast, so every state changed
+        assert calls[True] == calls[False]

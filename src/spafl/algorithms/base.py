@@ -135,6 +135,9 @@ class Algorithm(ABC):
     name: ClassVar[str]
     #: The config keys this algorithm reads beyond :data:`COMMON_KEYS` (its own hyperparameters).
     own_keys: ClassVar[frozenset[str]] = frozenset()
+    #: Whether :meth:`evaluation_state` depends on the client's state only (not on the server's),
+    #: so that a client whose state has not changed evaluates exactly as before.
+    personal_evaluation: ClassVar[bool] = False
 
     @classmethod
     def keys(cls) -> frozenset[str]:

@@ -26,6 +26,7 @@ class Local(DenseAlgorithm):
     """Local-only baseline: personal dense models, no communication."""
 
     name = "local"
+    personal_evaluation = True
     own_keys = frozenset({"optimizer_scope"})
 
     def init_server(self, initial_model):

@@ -172,6 +172,7 @@ class SpaFL(Algorithm):
     """SpaFL: personalized structured-sparse models, thresholds-only communication."""
 
     name = "spafl"
+    personal_evaluation = True
     own_keys = frozenset({
         "optimizer_scope", "th_coeff", "th_coeff_warmup", "ste", "threshold_schedule", "importance_update",
         "importance_sign", "importance_delta", "aggregation_weighting", "frozen_weights", "collapse_guard", "threshold_clip",

@@ -34,7 +34,7 @@ from spafl.engine.rundir import METRICS, SUMMARY, read_metrics, truncate_metrics
 from spafl.engine.store import Clients, choose_store, make_store
 from spafl.errors import DivergedError, UserError
 from spafl.engine.parallel import ClientRunner, resolve_workers
-from spafl.metrics import GIGA, message_bits, summarize
+from spafl.metrics import GIGA, ClientEval, message_bits, summarize
 from spafl.nn import masked_layers
 from spafl.seeding import derive_seed, sample_clients
 
@@ -85,6 +85,8 @@ class Simulator:
         self.evaluated_clients = evaluation_clients(config)
         self.workers = resolve_workers(config.workers, config.device, config.clients_per_round)
         self.runner = ClientRunner(self.algorithm, self.federation.clients, config.eval_batch_size, self.workers)
+        self._memo_token = 0
+        self._memo: dict[int, tuple[int | None, ClientEval]] = {}
 
     # -- state -----------------------------------------------------------------
     def _clients(self, initial: dict[str, torch.Tensor]) -> Clients:
@@ -129,12 +131,37 @@ class Simulator:
 
     # -- evaluation ------------------------------------------------------------
     def evaluate(self, state: dict[str, Any]) -> dict[str, float]:
-        """Evaluate the clients of :attr:`evaluated_clients`, each on its own test split."""
-        jobs = (
-            (client_id, self.algorithm.evaluation_state(state["clients"].load(client_id), state["server"]))
-            for client_id in self.evaluated_clients
-        )
-        return summarize(list(self.runner.evaluate(jobs)))
+        """Evaluate the clients of :attr:`evaluated_clients`, each on its own test split.
+
+        With ``execution=fast`` and an algorithm that evaluates each client's
+        own state (:attr:`Algorithm.personal_evaluation`), a client whose
+        state has not changed since its last evaluation is not evaluated
+        again: its last result is reused. The numbers are the same; the
+        compute is that of the clients trained (or sent a broadcast) since.
+        """
+        clients: Clients = state["clients"]
+        memo = self._evaluation_memo(clients)
+        results: dict[int, ClientEval] = {}
+        stale = []
+        for client_id in self.evaluated_clients:
+            known = memo.get(client_id)
+            if known is not None and known[0] == clients.revision(client_id):
+                results[client_id] = known[1]
+            else:
+                stale.append(client_id)
+        jobs = ((client_id, self.algorithm.evaluation_state(clients.load(client_id), state["server"])) for client_id in stale)
+        for client_id, result in zip(stale, self.runner.evaluate(jobs)):
+            results[client_id] = result
+            memo[client_id] = (clients.revision(client_id), result)  # loading wrote back any broadcasts it applied
+        return summarize([results[client_id] for client_id in self.evaluated_clients])
+
+    def _evaluation_memo(self, clients: Clients) -> dict[int, tuple[int | None, ClientEval]]:
+        """Last evaluation of each client of ``clients``, with the state revision it was made at (a scratch dict when off)."""
+        if self.config.execution != "fast" or not self.algorithm.personal_evaluation:
+            return {}
+        if self._memo_token != clients.token:
+            self._memo_token, self._memo = clients.token, {}
+        return self._memo
 
     def _record_masks(self, state: dict[str, Any], round_number: int) -> None:
         """Kept/pruned state of every unit of every client, bit-packed (for sparsity-pattern figures)."""

@@ -23,6 +23,7 @@ latest.
 
 from __future__ import annotations
 
+import itertools
 import operator
 import os
 import re
@@ -42,6 +43,7 @@ Message = dict[str, torch.Tensor]
 MEMORY_BUDGET = 1 << 30
 CLIENTS_DIR = "clients"
 _FILE = re.compile(r"c(\d+)-r(\d+)\.pt")
+_TOKENS = itertools.count(1)
 
 
 def state_bytes(initial_model: dict[str, torch.Tensor]) -> int:
@@ -237,6 +239,9 @@ class Clients(Sequence):
         self.dropped = 0  # broadcasts every client has received, no longer in the log
         self.applied: dict[int, int] = {}
         self.version = 0  # the round states are written in (set by the engine)
+        self.token = next(_TOKENS)  # tells this set of states from any other (e.g. one restored from a checkpoint)
+        self._saves = itertools.count(1)
+        self._revisions: dict[int, int] = {}  # client -> number of the save that wrote its state (absent: never saved)
 
     def __len__(self) -> int:
         return self.num_clients
@@ -273,6 +278,18 @@ class Clients(Sequence):
         """Store a state that has received every broadcast so far."""
         self.store.put(client_id, state, self.version)
         self.applied[client_id] = self.dropped + len(self.log)
+        self._revisions[client_id] = next(self._saves)
+
+    def revision(self, client_id: int) -> int | None:
+        """A number that stays the same exactly as long as client ``client_id``'s state does (within this object).
+
+        None while a broadcast awaits the client: its state changes when it
+        is next loaded. Not kept in checkpoints; a restored set of states
+        has a new :attr:`token`.
+        """
+        if self.applied.get(client_id, 0) < self.dropped + len(self.log):
+            return None
+        return self._revisions.get(client_id, 0)
 
     def broadcast(self, round_index: int, message: Message) -> None:
         """Round ``round_index``'s message to every client, delivered when each is next loaded."""
