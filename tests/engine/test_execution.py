@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from spafl.engine import parallel
 from spafl.engine.federation import build_federation
 from spafl.engine.rundir import METRICS, read_metrics
 from spafl.engine.simulator import Simulator
@@ -29,10 +30,13 @@ def test_fast_and_reference_paths_give_the_same_metrics(tmp_path, synthetic):
         assert abs(a["flops_cum"] - b["flops_cum"]) <= 1e-6 * max(1.0, b["flops_cum"])
 
 
-def test_worker_processes_give_exactly_the_serial_single_thread_run(tmp_path, synthetic):
+@pytest.mark.parametrize("forked_eval_from", [0, 10**9])  # evaluations in forked workers / in the parent
+def test_worker_processes_give_exactly_the_serial_single_thread_run(tmp_path, synthetic, monkeypatch, forked_eval_from):
+    monkeypatch.setattr(parallel, "PARALLEL_EVAL_MIN_SAMPLES", forked_eval_from)
     rows = {}
     for workers in (1, 2):
-        config = small_config(rounds=2, num_clients=6, clients_per_round=3, workers=workers, threads=1)
+        # the parent has two threads; whatever runs in it for the workers=2 run must use one, as workers do
+        config = small_config(rounds=2, num_clients=6, clients_per_round=3, workers=workers, threads=workers)
         simulator = Simulator(config, tmp_path / str(workers), federation=build_federation(config, synthetic), progress=False)
         assert simulator.workers == workers
         simulator.run()
