@@ -16,9 +16,10 @@ Measured figures are in ``benchmarks/README.md`` (``sparse_step.py``).
 
 Layout: unfolded windows are a ``[C*kh*kw, positions*N]`` matrix whose columns
 run over the batch fastest, so unfolding copies runs of N contiguous values
-and a matrix product gives ``[out_channels, positions, N]``; outputs are
-returned as ``[N, C, H, W]`` views of that memory (PyTorch's element-wise ops
-and convolutions accept any strides).
+and a matrix product gives ``[out_channels, positions, N]``.
+:func:`unfolded_conv2d` returns an ``[N, C, H, W]`` view of that memory
+(PyTorch's ops accept any strides); the fused conv copies its pooled output
+into ``[N, C, H, W]`` memory, on which the next (oneDNN) conv runs faster.
 
 PyTorch's comparisons into ``bool`` tensors and ``masked_fill`` are several
 times slower on CPU than float arithmetic, so 0/1 indicators are written
@@ -112,7 +113,8 @@ class _ConvReluPool(torch.autograd.Function):
         top = torch.maximum(torch.maximum(out[:, 0], out[:, 1]), torch.maximum(out[:, 2], out[:, 3]))
         ctx.save_for_backward(windows, out, top)
         ctx.weight_shape = weight.shape
-        return top.clamp_min(0).permute(3, 0, 1, 2).contiguous()  # the next conv runs faster on [N, C, H, W] memory
+        # [N, C, H, W] memory: LeNet-5's conv2 (oneDNN) takes 1.0 ms on it against 1.4 ms on the batch-last view
+        return top.clamp_min(0).permute(3, 0, 1, 2).contiguous()
 
     @staticmethod
     @once_differentiable
@@ -120,7 +122,8 @@ class _ConvReluPool(torch.autograd.Function):
         windows, out, top = ctx.saved_tensors
         grad_out = torch.empty_like(out)
         _route_to_first_maximum(grad.permute(1, 2, 3, 0), out.unbind(1), top, grad_out.unbind(1))
-        grad_weight = (windows @ grad_out.view(out.shape[0], -1).t()).t()  # MKL runs this shape faster than grad_out @ windows.t()
+        # this product's shape: 0.65 ms against 0.87 ms for grad_out @ windows.t() at LeNet-5's shapes (MKL, one thread)
+        grad_weight = (windows @ grad_out.view(out.shape[0], -1).t()).t()
         return None, grad_weight.view(ctx.weight_shape), None
 
 
