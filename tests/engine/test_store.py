@@ -152,6 +152,26 @@ def test_broadcasts_are_replayed_in_order_once_and_the_log_shrinks():
     assert torch.equal(clients[1]["model"]["weight"], torch.full((2, 3), 111.0))
 
 
+
+def test_a_revision_changes_exactly_when_the_state_can_have_changed():
+    clients = Clients(MemoryStore(init), lambda state, message, round_index: state, num_clients=3)
+    assert [clients.revision(k) for k in range(3)] == [0, 0, 0]  # all share the initial state
+    clients.load(0)
+    assert clients.revision(0) == 0  # reading changes nothing
+    clients.save(1, clients.load(1, write_back=False))
+    first = clients.revision(1)
+    assert first not in (None, 0) and clients.revision(1) == first
+    clients.save(1, clients.load(1, write_back=False))
+    assert clients.revision(1) not in (None, 0, first)  # every save is a new revision, even of equal values
+    clients.broadcast(0, {"delta": torch.zeros(1)})
+    assert [clients.revision(k) for k in range(3)] == [None, None, None]  # a broadcast awaits every client
+    clients.load(2, write_back=False)
+    assert clients.revision(2) is None  # a peek does not deliver it
+    clients.load(2)
+    assert clients.revision(2) not in (None, 0)  # delivered and written back
+    other = Clients(MemoryStore(init), lambda state, message, round_index: state, num_clients=3)
+    assert other.token != clients.token
+
 # -- the simulator with a store ----------------------------------------------------
 
 
