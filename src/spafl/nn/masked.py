@@ -61,20 +61,21 @@ class _KeptUnits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, bias, threshold, rows, derivative):  # type: ignore[override]
-        ctx.save_for_backward(weight, bias, rows, derivative)
+        kept = weight.index_select(0, rows)
+        kept_bias = None if bias is None else bias.index_select(0, rows)
+        ctx.save_for_backward(weight, bias, rows, derivative, kept, kept_bias)  # outputs saved, not selected again
         ctx.num_units = threshold.shape[0]
-        return weight.index_select(0, rows), (None if bias is None else bias.index_select(0, rows))
+        return kept, kept_bias
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_weight, grad_bias):  # type: ignore[override]
-        weight, bias, rows, derivative = ctx.saved_tensors
+        weight, bias, rows, derivative, kept, kept_bias = ctx.saved_tensors
         grad_rows, grad_threshold = grad_weight, None
         if derivative is not None:
-            kept = weight.index_select(0, rows)
             grad_mask = (grad_weight * kept).flatten(1).sum(1)
             if bias is not None and grad_bias is not None:
-                grad_mask = grad_mask + grad_bias * bias.index_select(0, rows)
+                grad_mask = grad_mask + grad_bias * kept_bias
             grad_mask = grad_mask * derivative
             grad_threshold = grad_mask.new_zeros(ctx.num_units).index_copy_(0, rows, -grad_mask)
             fan_in = kept[0].numel()
