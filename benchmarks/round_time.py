@@ -6,12 +6,18 @@ that machine noise hits both alike. A timed round is what a round of
 ``spafl run`` does: train the sampled clients, aggregate, evaluate every
 client.
 
-* reference-style (``execution=reference``): a per-sample dataset behind a
-  ``DataLoader``, dense conv/linear layers with weights multiplied by the
-  0/1 mask, evaluation of all clients;
-* fast (``execution=fast``, what ``spafl run`` uses): contiguous client
-  tensors and compact execution (only kept units are computed where that is
-  exact).
+* reference-style (``execution=reference``, ``workers=1``): run as the
+  reference code runs, one client after another in one process with
+  PyTorch's default threads; a per-sample dataset behind a ``DataLoader``,
+  dense conv/linear layers with weights multiplied by the 0/1 mask,
+  evaluation of all clients;
+* reference-style in workers (``execution=reference``, default workers):
+  the same, but with the fast path's worker processes (one per core, one
+  thread each), which the reference code does not have;
+* fast (``execution=fast``, default workers, what ``spafl run`` uses):
+  contiguous client tensors, compact execution (only kept units are
+  computed where that is exact), worker processes, evaluation of only the
+  clients whose state changed.
 
 Before each timed round the state is evaluated once, untimed, as a run
 evaluates it at the end of the previous round; the fast path then
@@ -24,8 +30,10 @@ with the fast path and reused afterwards), and round 0 (the dense initial
 model). Each repetition starts from a fresh copy of the same state.
 
 The last line printed is one JSON object: ``ratio`` (steady state,
-reference seconds / fast seconds), ``ratio_from_start``, the seconds, and
-the densities of the clients' models at both starting points.
+reference-style seconds / fast seconds), ``ratio_same_workers`` (the
+reference-style path in workers / fast), both again from round 0
+(``..._from_start``), the seconds, and the densities of the clients'
+models at both starting points.
 
     python benchmarks/round_time.py [--cache DIR] [--steady-round 100] [--repeats 2] [--set key=value ...]
 """
@@ -51,7 +59,12 @@ from spafl.engine.federation import build_federation
 from spafl.engine.simulator import Simulator
 from spafl.errors import UserError
 
-PATHS = ("reference", "fast")
+#: Each timed path: its name and the settings it runs with (over the benchmark's config).
+PATHS = {
+    "reference": {"execution": "reference", "workers": 1},
+    "reference_workers": {"execution": "reference"},
+    "fast": {"execution": "fast"},
+}
 
 
 def steady_checkpoint(cache: Path, config, steady_round: int) -> dict:
@@ -87,9 +100,9 @@ def compare(simulators: dict[str, Simulator], make_state, repeats: int) -> dict:
     median = {path: statistics.median(values) for path, values in seconds.items()}
     return {
         "round": round_index + 1,
-        "reference_seconds": round(median["reference"], 3),
-        "fast_seconds": round(median["fast"], 3),
+        **{f"{path}_seconds": round(median[path], 3) for path in PATHS},
         "ratio": round(median["reference"] / median["fast"], 3),
+        "ratio_same_workers": round(median["reference_workers"] / median["fast"], 3),
         "all_seconds": {path: [round(s, 3) for s in values] for path, values in seconds.items()},
         "density_after": round(evaluations["fast"]["density"], 4),
         "density_weighted_after": round(evaluations["fast"]["density_weighted"], 4),
@@ -120,10 +133,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         dataset = build_federation(config).dataset
-        simulators = {
-            path: Simulator(config.replace(execution=path), Path(scratch) / path, build_federation(config.replace(execution=path), dataset), progress=False)
-            for path in PATHS
-        }
+        simulators = {}
+        for path, settings in PATHS.items():
+            path_config = config.replace(**settings)
+            simulators[path] = Simulator(path_config, Path(scratch) / path, build_federation(path_config, dataset), progress=False)
         starts = {
             "steady": lambda simulator: simulator.restore_state(copy.deepcopy(saved)),
             "start": lambda simulator: simulator.fresh_state(),
@@ -138,21 +151,21 @@ def main() -> None:
         "benchmark": "round_time",
         "ratio": results["steady"]["ratio"],
         "ratio_from_start": results["start"]["ratio"],
+        "ratio_same_workers": results["steady"]["ratio_same_workers"],
+        "ratio_same_workers_from_start": results["start"]["ratio_same_workers"],
         "steady_round": saved["round"],
         "density": density_steady[0],
         "density_weighted": density_steady[1],
         "density_from_start": density_start[0],
         "density_weighted_from_start": density_start[1],
-        "reference_seconds": results["steady"]["reference_seconds"],
-        "fast_seconds": results["steady"]["fast_seconds"],
-        "reference_seconds_from_start": results["start"]["reference_seconds"],
-        "fast_seconds_from_start": results["start"]["fast_seconds"],
+        **{f"{path}_seconds": results["steady"][f"{path}_seconds"] for path in PATHS},
+        **{f"{path}_seconds_from_start": results["start"][f"{path}_seconds"] for path in PATHS},
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
-        "settings": {key: value for key, value in config.to_dict().items() if key in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "threads")},
+        "settings": {key: value for key, value in config.to_dict().items() if key in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "threads", "workers")},
     }))
 
 
