@@ -350,14 +350,20 @@ def test_interrupt_guard_leaves_a_nohup_sighup_ignored():
 
 
 def test_signals_held_during_a_stop_are_delivered_afterwards():
-    held = deploy._SignalsHeld()
-    with pytest.raises(KeyboardInterrupt), held:  # default SIGINT handler (pytest's) after the block
-        signal.raise_signal(signal.SIGINT)
-        signal.raise_signal(signal.SIGINT)
-        time.sleep(0.05)  # no KeyboardInterrupt in here
-        inside = list(held.received)
-    assert inside == [signal.SIGINT, signal.SIGINT]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own SIGINT handler, as in a foreground process: a job started in the background
+    # by a non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        held = deploy._SignalsHeld()
+        with pytest.raises(KeyboardInterrupt), held:  # the handler from before the block runs after it
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.05)  # no KeyboardInterrupt in here
+            inside = list(held.received)
+        assert inside == [signal.SIGINT, signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the process checks read /proc")
