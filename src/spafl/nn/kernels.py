@@ -143,11 +143,14 @@ def _route_to_first_maximum(grad, corners, top, routed) -> None:
     A window's gradient goes to its first corner equal to the maximum (the
     order of ``corners`` is the windows' row-major order), and nowhere when
     the maximum is <= 0, where ReLU passes nothing.
+
+    The last corner's share is what the others leave: some corner equals
+    the maximum, so a gradient that no earlier corner took is the last one's.
     """
     indicator = torch.empty_like(top)
-    remaining = torch.empty_like(top)
+    remaining = routed[-1]  # the gradient no corner has taken yet; at the end, the last corner's share
     torch.mul(grad, torch.gt(top, 0, out=indicator), out=remaining)
-    for corner, routed_corner in zip(corners, routed):
+    for corner, routed_corner in zip(corners[:-1], routed[:-1]):
         torch.mul(remaining, torch.eq(corner, top, out=indicator), out=routed_corner)
         remaining -= routed_corner  # exactly 0 where this corner took the gradient
 
