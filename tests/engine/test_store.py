@@ -152,7 +152,6 @@ def test_broadcasts_are_replayed_in_order_once_and_the_log_shrinks():
     assert torch.equal(clients[1]["model"]["weight"], torch.full((2, 3), 111.0))
 
 
-
 def test_a_revision_changes_exactly_when_the_state_can_have_changed():
     clients = Clients(MemoryStore(init), lambda state, message, round_index: state, num_clients=3)
     assert [clients.revision(k) for k in range(3)] == [0, 0, 0]  # all share the initial state
@@ -171,6 +170,7 @@ def test_a_revision_changes_exactly_when_the_state_can_have_changed():
     assert clients.revision(2) not in (None, 0)  # delivered and written back
     other = Clients(MemoryStore(init), lambda state, message, round_index: state, num_clients=3)
     assert other.token != clients.token
+
 
 # -- the simulator with a store ----------------------------------------------------
 

@@ -274,10 +274,15 @@ class Clients(Sequence):
             self.save(client_id, state)
         return state
 
+    @property
+    def broadcasts_sent(self) -> int:
+        """Broadcasts sent so far (those every client has received included)."""
+        return self.dropped + len(self.log)
+
     def save(self, client_id: int, state: State) -> None:
         """Store a state that has received every broadcast so far."""
         self.store.put(client_id, state, self.version)
-        self.applied[client_id] = self.dropped + len(self.log)
+        self.applied[client_id] = self.broadcasts_sent
         self._revisions[client_id] = next(self._saves)
 
     def revision(self, client_id: int) -> int | None:
@@ -287,7 +292,7 @@ class Clients(Sequence):
         is next loaded. Not kept in checkpoints; a restored set of states
         has a new :attr:`token`.
         """
-        if self.applied.get(client_id, 0) < self.dropped + len(self.log):
+        if self.applied.get(client_id, 0) < self.broadcasts_sent:
             return None
         return self._revisions.get(client_id, 0)
 
