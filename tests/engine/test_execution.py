@@ -46,17 +46,31 @@ def test_worker_processes_give_exactly_the_serial_single_thread_run(tmp_path, sy
 
 
 def evaluated_ids(simulator):
-    """Record the client ids the runner evaluates, one list per evaluation."""
-    calls = []
-    original = simulator.runner.evaluate
+    """Record which clients are evaluated, one pair per evaluation of a round.
 
-    def recording(jobs):
-        calls.append([])
+    A pair holds the clients evaluated after training, by the processes that
+    trained them, and those the evaluation itself evaluated, both sorted.
+    """
+    calls, after_training = [], []
+    train, evaluate = simulator.runner.train, simulator.runner.evaluate
+
+    def recording_train(jobs):
+        after_training.extend(job[0] for job in jobs if job[4] is not None)
+        return train(jobs)
+
+    def recording(jobs, evaluated):
         for job in jobs:
-            calls[-1].append(job[0])
+            evaluated.append(job[0])
             yield job
+        evaluated.sort()
 
-    simulator.runner.evaluate = lambda jobs: original(recording(jobs))
+    def recording_evaluate(jobs):
+        calls.append((sorted(after_training), []))
+        after_training.clear()
+        return evaluate(recording(jobs, calls[-1][1]))
+
+    simulator.runner.train = recording_train
+    simulator.runner.evaluate = recording_evaluate
     return calls
 
 
@@ -68,12 +82,12 @@ def test_fast_path_evaluates_again_only_changed_clients_and_gives_the_same_rows(
         simulator = Simulator(config, tmp_path / str(memo), federation=build_federation(config, synthetic), progress=False)
         calls[memo] = evaluated_ids(simulator)
         if not memo:
-            monkeypatch.setattr(simulator, "_evaluation_memo", lambda clients: {})
+            monkeypatch.setattr(simulator, "_memoizes", lambda: False)
         simulator.run()
         rows[memo] = [{k: v for k, v in row.items() if k != "seconds"} for row in read_metrics(tmp_path / str(memo) / METRICS)]
     assert rows[True] == rows[False]
-    assert calls[False] == [list(range(6))] * 4
-    if update == "before_training":  # only the trained clients changed
-        assert calls[True] == [list(range(6))] + [sorted(sample_clients(0, t, 6, 2)) for t in range(3)]
-    else:  # every client received the broadcast, so every state changed
+    assert calls[False] == [([], list(range(6)))] * 4
+    if update == "before_training":  # only the trained clients changed, and each was evaluated where it trained
+        assert calls[True] == [([], list(range(6)))] + [(sorted(sample_clients(0, t, 6, 2)), []) for t in range(3)]
+    else:  # every client received the broadcast, so every state changed; none is evaluated before it
         assert calls[True] == calls[False]

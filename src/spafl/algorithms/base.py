@@ -191,6 +191,11 @@ class Algorithm(ABC):
         """
         return None
 
+    @property
+    def may_broadcast(self) -> bool:
+        """Whether :meth:`broadcast_message` can return a message in this configuration (default: whether it is overridden)."""
+        return type(self).broadcast_message is not Algorithm.broadcast_message
+
     def client_receive(self, client: State, message: Message, round_index: int) -> State:
         """Apply round ``round_index``'s broadcast message to a client's state."""
         return client

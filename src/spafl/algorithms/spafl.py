@@ -211,9 +211,13 @@ class SpaFL(Algorithm):
             message.update(pack(DELTA, server["delta"]))
         return message
 
+    @property
+    def may_broadcast(self) -> bool:
+        return self.config.importance_update == "all_after_aggregation" and not self.config.frozen_weights
+
     def broadcast_message(self, server, round_index):
         c = self.config
-        if c.importance_update != "all_after_aggregation" or c.frozen_weights:
+        if not self.may_broadcast:
             return None
         if c.importance_delta == "server_sends":
             return pack(DELTA, server["delta"])

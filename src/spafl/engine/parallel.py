@@ -67,9 +67,18 @@ def _start_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _train(job: tuple[int, State, Message, ClientTask]) -> ClientResult:
-    client_id, client, message, task = job
-    return _inherited["algorithm"].client_update(client, message, _inherited["clients"][client_id], task)
+#: A training job: client id, its state, the server's message, the task, and the server state to
+#: evaluate the trained client with (None: not evaluated).
+TrainJob = tuple[int, State, Message, ClientTask, State | None]
+
+
+def _train(job: TrainJob) -> tuple[ClientResult, ClientEval | None]:
+    client_id, client, message, task, server = job
+    algorithm: Algorithm = _inherited["algorithm"]
+    result = algorithm.client_update(client, message, _inherited["clients"][client_id], task)
+    if server is None:
+        return result, None
+    return result, _evaluate((client_id, algorithm.evaluation_state(result.state, server)))
 
 
 def _evaluate(job: tuple[int, dict[str, torch.Tensor]]) -> ClientEval:
@@ -144,8 +153,14 @@ class ClientRunner:
             pool.join()
         return results
 
-    def train(self, jobs: list[tuple[int, State, Message, ClientTask]]) -> list[ClientResult]:
-        """``client_update`` of each ``(client_id, state, message, task)``, results in job order.
+    def train(self, jobs: list[TrainJob]) -> list[tuple[ClientResult, ClientEval | None]]:
+        """``client_update`` of each ``(client_id, state, message, task, server)``, results in job order.
+
+        Where ``server`` is a server state, the trained client is also
+        evaluated (``evaluate_client`` of ``evaluation_state(trained state,
+        server)``) where it trained, while its model is at hand: a worker does
+        it in parallel, which the parent would do afterwards one client after
+        another. The evaluation is the one :meth:`evaluate` gives.
 
         With workers, the clients with the most training samples start first
         (longest job first), so that no worker is left with a big client at

@@ -138,6 +138,8 @@ class Simulator:
         state has not changed since its last evaluation is not evaluated
         again: its last result is reused. The numbers are the same; the
         compute is that of the clients trained (or sent a broadcast) since.
+        A client :meth:`run_round` trained was evaluated already, by the
+        process that trained it (see :meth:`ClientRunner.train`).
         """
         clients: Clients = state["clients"]
         memo = self._evaluation_memo(clients)
@@ -155,9 +157,17 @@ class Simulator:
             memo[client_id] = (clients.revision(client_id), result)  # loading wrote back any broadcasts it applied
         return summarize([results[client_id] for client_id in self.evaluated_clients])
 
+    def _memoizes(self) -> bool:
+        """Whether evaluations are kept for clients whose state has not changed (``execution=fast``, personal evaluation)."""
+        return self.config.execution == "fast" and self.algorithm.personal_evaluation
+
+    def evaluates_after(self, round_number: int) -> bool:
+        """Whether a run evaluates after round ``round_number`` (1-based): every ``eval_every`` rounds and after the last."""
+        return round_number % self.config.eval_every == 0 or round_number == self.config.rounds
+
     def _evaluation_memo(self, clients: Clients) -> dict[int, tuple[int | None, ClientEval]]:
         """Last evaluation of each client of ``clients``, with the state revision it was made at (a scratch dict when off)."""
-        if self.config.execution != "fast" or not self.algorithm.personal_evaluation:
+        if not self._memoizes():
             return {}
         if self._memo_token != clients.token:
             self._memo_token, self._memo = clients.token, {}
@@ -189,13 +199,20 @@ class Simulator:
         replies, losses = [], []
         bits_up = bits_down = 0
         flops = 0.0
+        # A trained client that the round's evaluation will need is evaluated where it trained, in parallel.
+        # Not where a broadcast will change every state after aggregation: every client is evaluated again then.
+        memo = self._evaluation_memo(clients)
+        evaluate_after = set()
+        if self._memoizes() and not algorithm.may_broadcast and self.evaluates_after(round_index + 1):
+            evaluate_after = set(self.evaluated_clients)
         jobs = []
         for client_id in sampled:
             down = algorithm.server_message(state["server"], client_id, round_index)
             bits_down += message_bits(down)
             task = ClientTask(client_id=client_id, round_index=round_index, seed=config.seed)
-            jobs.append((client_id, clients.load(client_id, write_back=False), down, task))  # saved below, after training
-        for client_id, result in zip(sampled, self.runner.train(jobs)):
+            server = state["server"] if client_id in evaluate_after else None
+            jobs.append((client_id, clients.load(client_id, write_back=False), down, task, server))  # saved below, after training
+        for client_id, (result, evaluation) in zip(sampled, self.runner.train(jobs)):
             loss = result.stats.get("train_loss", float("nan"))
             if result.stats.get("steps", 0) and not math.isfinite(loss):
                 raise DivergedError(
@@ -203,6 +220,8 @@ class Simulator:
                     f"The last good checkpoint (round {state['round']}) is kept; lower lr or th_coeff, or set grad_clip, and start a new run"
                 )
             clients.save(client_id, result.state)
+            if evaluation is not None:  # a broadcast below changes the revision, and then this is not used
+                memo[client_id] = (clients.revision(client_id), evaluation)
             bits_up += message_bits(result.message)
             flops += result.stats.get("flops", 0.0)
             if result.stats.get("steps", 0):
@@ -271,8 +290,7 @@ class Simulator:
                 began = time.perf_counter()
                 base = self.run_round(state, round_index)
                 number = round_index + 1
-                evaluate = number % config.eval_every == 0 or number == config.rounds
-                row = self._row(base, state, evaluate, 0.0)
+                row = self._row(base, state, self.evaluates_after(number), 0.0)
                 row["seconds"] = time.perf_counter() - began
                 emit(row)
                 if number in config.record_masks:
