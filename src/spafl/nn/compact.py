@@ -71,6 +71,8 @@ class Sliced:
     dropped: torch.Tensor
     width: int
     fill: torch.Tensor | None = None
+    #: indices derived from ``index`` and ``dropped`` (by :func:`flatten`), kept for as long as they do not change
+    memo: dict | None = None
 
     def full(self) -> torch.Tensor:
         """The activation with all ``width`` channels."""
@@ -82,7 +84,7 @@ class Sliced:
         return out.index_copy(1, self.index, self.values)
 
     def with_values(self, values: torch.Tensor, fill: torch.Tensor | None) -> Sliced:
-        return Sliced(values, self.index, self.dropped, self.width, fill)
+        return Sliced(values, self.index, self.dropped, self.width, fill, self.memo)
 
 
 def full(x: torch.Tensor | Sliced) -> torch.Tensor:
@@ -119,13 +121,20 @@ def flatten(x: torch.Tensor | Sliced) -> torch.Tensor | Sliced:
     if not isinstance(x, Sliced):
         return torch.flatten(x, 1)
     per_channel = math.prod(x.values.shape[2:])
-    offsets = torch.arange(per_channel, device=x.index.device)
+    key = ("flatten", per_channel)
+    if x.memo is not None and key in x.memo:
+        index, dropped, memo = x.memo[key]
+    else:
+        offsets = torch.arange(per_channel, device=x.index.device)
 
-    def expand(channels: torch.Tensor) -> torch.Tensor:
-        return (channels.view(-1, 1) * per_channel + offsets).flatten()
+        def expand(channels: torch.Tensor) -> torch.Tensor:
+            return (channels.view(-1, 1) * per_channel + offsets).flatten()
 
+        index, dropped, memo = expand(x.index), expand(x.dropped), {}
+        if x.memo is not None:
+            x.memo[key] = (index, dropped, memo)
     fill = None if x.fill is None else x.fill.repeat_interleave(per_channel)
-    return Sliced(torch.flatten(x.values, 1), expand(x.index), expand(x.dropped), x.width * per_channel, fill)
+    return Sliced(torch.flatten(x.values, 1), index, dropped, x.width * per_channel, fill, memo)
 
 
 class _CompactBatchNorm:

@@ -43,48 +43,91 @@ def per_unit(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (weight.dim() - 1)))
 
 
-class _KeptUnits(torch.autograd.Function):
-    """``(W~[rows], b~[rows])``, the kept units of the masked weights, with the gradients autograd would give.
+class _UnitsOf(torch.autograd.Function):
+    """The masked weights ``(W~, b~)`` of compact execution, all units or only the kept ``rows``, with hand-written gradients.
 
-    A kept unit's mask is exactly 1, so the values are ``W[rows]`` and
-    ``b[rows]``. Backward gives, for a kept unit i (``derivative`` = the
-    estimator's step'(s_i - tau_i), None while thresholds are frozen)::
+    With ``rows`` None every unit is computed and the values are ``W * m`` and
+    ``b * m`` (``mask`` = m, a 0/1 constant). With ``rows`` only kept units
+    are computed, whose mask is exactly 1: the values are ``W[rows]`` and
+    ``b[rows]``. While thresholds train (``trains``), backward gives what
+    autograd through ``|W|``, its mean, the estimator and the product gives
+    (``derivative``: step'(s_i - tau_i) of the computed units; None for the
+    ``identity`` estimator, whose derivative is 1)::
 
         dL/dm_i   = sum_j g_ij W_ij (+ g_bias_i b_i)
-        dL/dW_ij  = g_ij + step'_i dL/dm_i sign(W_ij) / n_i      dL/dtau_i = -step'_i dL/dm_i
+        dL/dW_ij  = m_i g_ij + step'_i dL/dm_i sign(W_ij) / n_i      dL/dtau_i = -step'_i dL/dm_i
 
-    and 0 for a dropped unit, which is what the dense masked computation
-    gives wherever :mod:`spafl.nn.compact` drops units. One function instead
-    of the autograd graph of ``|W|``, its mean, the step and the product
-    saves several passes over the whole weight per step.
+    and 0 for a unit not computed, which is what the dense masked
+    computation gives wherever :mod:`spafl.nn.compact` drops units. With
+    thresholds frozen the mask is a constant: ``dL/dW_ij = m_i g_ij``. One
+    function instead of the autograd graph of ``|W|``, its mean, the step
+    and the product saves several passes over the whole weight and a dozen
+    operators per layer and step.
     """
 
     @staticmethod
-    def forward(ctx, weight, bias, threshold, rows, derivative):  # type: ignore[override]
-        kept = weight.index_select(0, rows)
-        kept_bias = None if bias is None else bias.index_select(0, rows)
-        ctx.save_for_backward(weight, bias, rows, derivative, kept, kept_bias)  # outputs saved, not selected again
+    def forward(ctx, weight, bias, threshold, rows, mask, trains, derivative):  # type: ignore[override]
+        if rows is None:
+            units = weight * per_unit(mask, weight)
+            units_bias = None if bias is None else bias * mask
+        else:
+            units = weight.index_select(0, rows)
+            units_bias = None if bias is None else bias.index_select(0, rows)
+        # the unmasked weights of the computed units: for kept rows the outputs themselves, saved without a copy
+        ctx.save_for_backward(weight, bias, rows, mask, derivative, units, units_bias)
+        ctx.trains = trains
         ctx.num_units = threshold.shape[0]
-        return kept, kept_bias
+        return units, units_bias
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_weight, grad_bias):  # type: ignore[override]
-        weight, bias, rows, derivative, kept, kept_bias = ctx.saved_tensors
-        grad_rows, grad_threshold = grad_weight, None
-        if derivative is not None:
-            grad_mask = (grad_weight * kept).flatten(1).sum(1)
-            if bias is not None and grad_bias is not None:
-                grad_mask = grad_mask + grad_bias * kept_bias
-            grad_mask = grad_mask * derivative
-            grad_threshold = grad_mask.new_zeros(ctx.num_units).index_copy_(0, rows, -grad_mask)
-            fan_in = kept[0].numel()
-            grad_rows = grad_weight + per_unit(grad_mask / fan_in, kept) * kept.sign()
-        grad_full = torch.zeros_like(weight).index_copy_(0, rows, grad_rows)
-        grad_b = None
-        if bias is not None and grad_bias is not None:
-            grad_b = torch.zeros_like(bias).index_copy_(0, rows, grad_bias)
-        return grad_full, grad_b, grad_threshold, None, None
+        weight, bias, rows, mask, derivative, units, units_bias = ctx.saved_tensors
+        if bias is None or grad_bias is None:
+            grad_bias = None
+        if rows is None:
+            unmasked, unmasked_bias = weight, bias
+            grad_units = grad_weight * per_unit(mask, weight)
+            grad_units_bias = None if grad_bias is None else grad_bias * mask
+        else:
+            unmasked, unmasked_bias = units, units_bias
+            grad_units, grad_units_bias = grad_weight, grad_bias
+        grad_threshold = None
+        if ctx.trains:
+            grad_mask = (grad_weight * unmasked).flatten(1).sum(1)
+            if grad_bias is not None:
+                grad_mask = grad_mask + grad_bias * unmasked_bias
+            if derivative is not None:
+                grad_mask = grad_mask * derivative
+            grad_units = grad_units + per_unit(grad_mask / unmasked[0].numel(), unmasked) * unmasked.sign()
+            grad_threshold = -grad_mask
+            if rows is not None:
+                grad_threshold = grad_mask.new_zeros(ctx.num_units).index_copy_(0, rows, grad_threshold)
+        if rows is None:
+            return grad_units, grad_units_bias, grad_threshold, None, None, None, None
+        grad_full = torch.zeros_like(weight).index_copy_(0, rows, grad_units)
+        grad_b = None if grad_bias is None else torch.zeros_like(bias).index_copy_(0, rows, grad_bias)
+        return grad_full, grad_b, grad_threshold, None, None, None, None
+
+
+class _Plan:
+    """A layer's kept units and the indices derived from them, reused for as long as the kept set does not change.
+
+    Between two steps of local training a layer's kept set rarely changes, so
+    its indices (and those that :func:`spafl.nn.compact.flatten` derives, in
+    ``memo``) are computed once per change instead of once per forward.
+    """
+
+    __slots__ = ("kept", "rows", "dropped", "memo")
+
+    def __init__(self, kept: torch.Tensor) -> None:
+        self.kept = kept
+        self.rows = kept.nonzero().squeeze(1)
+        self.dropped = (~kept).nonzero().squeeze(1)
+        self.memo: dict = {}
+
+    def matches(self, kept: torch.Tensor) -> bool:
+        return self.kept.device == kept.device and torch.equal(self.kept, kept)
 
 
 class MaskedLayer(nn.Module):
@@ -119,6 +162,7 @@ class MaskedLayer(nn.Module):
         self.compact_role: str | None = None
         #: Output units the last compact forward computed (for tests and benchmarks).
         self.computed_units = self.weight.shape[0]
+        self._plan: _Plan | None = None
         self.threshold = nn.Parameter(torch.zeros(self.weight.shape[0], device=self.weight.device, dtype=self.weight.dtype))
         self.register_buffer("kept_fraction", torch.ones((), device=self.weight.device, dtype=self.weight.dtype))
 
@@ -207,26 +251,36 @@ class MaskedLayer(nn.Module):
         weight, bias = self.masked_parameters()
         return self._compute(full(x), weight, bias, relu_pool)
 
-    def _pruned_units_need_no_gradient(self, gap: torch.Tensor, kept: torch.Tensor) -> bool:
+    def _pruned_units_need_no_gradient(self, gap: torch.Tensor, dropped: torch.Tensor) -> bool:
         """Whether dropping the pruned units leaves every gradient unchanged (module docstring of spafl.nn.compact)."""
         if not self._trains_thresholds() or self.compact_role == "relu":
             return True
-        return not bool(step_derivative(gap[~kept], self.ste).any())
+        return not bool(step_derivative(gap.index_select(0, dropped), self.ste).any())
+
+    def _kept_plan(self, kept: torch.Tensor) -> _Plan:
+        if self._plan is None or not self._plan.matches(kept):
+            self._plan = _Plan(kept)
+        return self._plan
 
     def _compact_forward(self, x: torch.Tensor | Sliced, relu_pool: int) -> torch.Tensor | Sliced:
-        mask, gap = self._current_mask()
-        kept = gap > 0
-        num_kept = int(kept.sum())
-        rows = None
-        if 0 < num_kept < self.num_units and self._drops_units() and self._pruned_units_need_no_gradient(gap, kept):
-            rows = kept.nonzero().squeeze(1)
-        self.computed_units = self.num_units if rows is None else num_kept
-        if rows is None:
-            weight = self.weight * self._unit_view(mask)
-            bias = None if self.bias is None else self.bias * mask
+        self._apply_collapse_guard()
+        trains = self._trains_thresholds()
+        with torch.no_grad():  # the estimator's gradient comes from _UnitsOf's backward
+            gap = self.unit_scores() - self.threshold
+            plan = self._kept_plan(gap > 0)
+        num_kept = plan.rows.numel()
+        # the mean of the 0/1 mask, exactly: a quotient of integers below 2**24, correctly rounded
+        self.kept_fraction.fill_(num_kept / self.num_units)
+        rows = mask = None
+        if 0 < num_kept < self.num_units and self._drops_units() and self._pruned_units_need_no_gradient(gap, plan.dropped):
+            rows = plan.rows
         else:
-            derivative = step_derivative(gap.index_select(0, rows), self.ste) if self._trains_thresholds() else None
-            weight, bias = _KeptUnits.apply(self.weight, self.bias, self.threshold, rows, derivative)
+            mask = plan.kept.to(self.weight.dtype)
+        self.computed_units = self.num_units if rows is None else num_kept
+        derivative = None
+        if trains and self.ste != "identity":
+            derivative = step_derivative(gap if rows is None else gap.index_select(0, rows), self.ste)
+        weight, bias = _UnitsOf.apply(self.weight, self.bias, self.threshold, rows, mask, trains, derivative)
         if isinstance(x, Sliced) and self._accepts_sliced(x):
             constant = self._constant_input(weight, x)
             if constant is not None:
@@ -238,7 +292,7 @@ class MaskedLayer(nn.Module):
             return out
         dim = self._unit_dim(out)
         if self.compact_role in ("relu", "norm") and dim == 1:
-            return Sliced(out, rows, (~kept).nonzero().squeeze(1), self.num_units)
+            return Sliced(out, rows, plan.dropped, self.num_units, memo=plan.memo)
         shape = list(out.shape)
         shape[dim] = self.num_units
         return out.new_zeros(shape).index_copy(dim, rows, out)
