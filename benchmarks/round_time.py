@@ -78,6 +78,10 @@ def steady_checkpoint(cache: Path, config, steady_round: int) -> dict:
     return ckpt.load_checkpoint(cache)
 
 
+#: Rounds of one path that differ by more than this fraction mean the timing was disturbed.
+SPREAD_WARNING = 0.3
+
+
 def time_round(simulator: Simulator, state: dict, round_index: int) -> tuple[float, dict]:
     began = time.perf_counter()
     simulator.run_round(state, round_index)
@@ -104,10 +108,24 @@ def compare(simulators: dict[str, Simulator], make_state, repeats: int) -> dict:
         "ratio": round(median["reference"] / median["fast"], 3),
         "ratio_same_workers": round(median["reference_workers"] / median["fast"], 3),
         "all_seconds": {path: [round(s, 3) for s in values] for path, values in seconds.items()},
+        # slowest / fastest round of each path, minus 1: how much the machine disturbed the timing
+        "spread": {path: round(max(values) / min(values) - 1, 3) for path, values in seconds.items()},
         "density_after": round(evaluations["fast"]["density"], 4),
         "density_weighted_after": round(evaluations["fast"]["density_weighted"], 4),
         "accuracy_after": {path: round(evaluations[path]["accuracy"], 3) for path in PATHS},
     }
+
+
+def warn_if_disturbed(label: str, spread: dict[str, float]) -> None:
+    """Say on stderr when rounds of one path differ by more than :data:`SPREAD_WARNING`: the machine was busy."""
+    disturbed = {path: value for path, value in spread.items() if value > SPREAD_WARNING}
+    if disturbed:
+        listed = ", ".join(f"{path} {100 * value:.0f} %" for path, value in disturbed.items())
+        print(
+            f"round_time: from {label}, the slowest round exceeded the fastest by {listed}; something else was using "
+            "the CPU, so the ratios are not reliable: run again on a quiet machine",
+            file=sys.stderr, flush=True,
+        )
 
 
 def start_density(simulator: Simulator, state: dict) -> tuple[float, float]:
@@ -147,6 +165,7 @@ def main() -> None:
         for label, make_state in starts.items():
             results[label] = compare(simulators, make_state, args.repeats)
             print(json.dumps({"start": label, **results[label]}), flush=True)
+            warn_if_disturbed(label, results[label]["spread"])
     print(json.dumps({
         "benchmark": "round_time",
         "ratio": results["steady"]["ratio"],
@@ -160,6 +179,7 @@ def main() -> None:
         "density_weighted_from_start": density_start[1],
         **{f"{path}_seconds": results["steady"][f"{path}_seconds"] for path in PATHS},
         **{f"{path}_seconds_from_start": results["start"][f"{path}_seconds"] for path in PATHS},
+        "spread_max": max(spread for result in results.values() for spread in result["spread"].values()),
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
