@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spafl.algorithms import ClientTask, Reply, SpaFL
-from spafl.algorithms.spafl import importance_update, round_lr, threshold_penalty_coefficient
+from spafl.algorithms.spafl import add_penalty_gradient, importance_update, round_lr, threshold_penalty_coefficient
 from spafl.config import build_config
 from spafl.metrics import message_bits
 from spafl.nn import MaskedConv2d, MaskedLinear, masked_layers
@@ -72,6 +73,29 @@ def down_message(algo, fc1, fc2):
 
 def thresholds_message(values):
     return {f"thresholds/{name}": torch.tensor(v) for name, v in values.items()}
+
+
+def test_penalty_gradient_is_what_autograd_gives_bit_for_bit():
+    torch.manual_seed(0)
+    model = Tiny()
+    with torch.no_grad():
+        model.fc1.threshold.copy_(torch.tensor([0.3, -0.2, 0.05]))
+        model.fc2.threshold.copy_(torch.tensor([-0.7, 0.4]))
+    thresholds = [model.fc1.threshold, model.fc2.threshold]
+    x, y = torch.randn(5, 1, 2, 2), torch.tensor([0, 1, 1, 0, 1])
+    coefficient = 0.0023
+    (F.cross_entropy(model(x), y) + coefficient * sum(torch.exp(-t).sum() for t in thresholds)).backward()
+    with_penalty = [t.grad.clone() for t in thresholds]
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    loss_only = [t.grad.clone() for t in thresholds]
+    add_penalty_gradient(thresholds, coefficient)
+    assert all(torch.equal(t.grad, expected) for t, expected in zip(thresholds, with_penalty))
+    assert not any(torch.equal(a, b) for a, b in zip(loss_only, with_penalty))
+    # a threshold the loss does not reach gets -c * exp(-tau) alone
+    lone = torch.tensor([0.0, 1.0], requires_grad=True)
+    add_penalty_gradient([lone], coefficient)
+    assert lone.grad.tolist() == pytest.approx([-coefficient, -coefficient * math.exp(-1.0)], rel=1e-6)
 
 
 def test_aggregation_uniform_and_sample_weighted_and_delta():
