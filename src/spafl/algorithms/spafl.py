@@ -154,6 +154,7 @@ def train_local(
     """
     rng = generator(task.seed, "client_train", task.client_id, task.round_index)
     layers = [layer for _, layer in masked_layers(model)]
+    thresholds = [layer.threshold for layer in layers]
     skip_singletons = has_batchnorm(model)
     model.train()
     total_loss = 0.0
@@ -171,8 +172,8 @@ def train_local(
             loss = F.cross_entropy(model(inputs), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if penalty > 0 and layers and layers[0].threshold.requires_grad:
-                add_penalty_gradient([layer.threshold for layer in layers], penalty)
+            if penalty > 0 and thresholds and thresholds[0].requires_grad:
+                add_penalty_gradient(thresholds, penalty)
             if grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
