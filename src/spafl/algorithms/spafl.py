@@ -28,6 +28,7 @@ from spafl.algorithms.base import Algorithm, check_named_tensors, ClientData, Cl
 from spafl.data.batches import train_batches
 from spafl.metrics.flops import batches_per_epoch, dense_macs_per_sample, training_flops
 from spafl.nn import get_thresholds, masked_layers, num_masked_weights, set_thresholds
+from spafl.nn.chain import chain_gradients, chain_stages
 from spafl.seeding import generator
 
 THRESHOLDS = "thresholds/"
@@ -150,13 +151,16 @@ def train_local(
     by (seed, client, round) only. ``thresholds_trainable(epoch)`` says
     whether thresholds get gradients in that epoch (None: never touched).
     A trailing batch of one sample is skipped when the model has BatchNorm
-    (training-mode BatchNorm cannot normalize a single sample).
+    (training-mode BatchNorm cannot normalize a single sample). A model that
+    is a chain of masked layers in compact execution is differentiated by
+    hand (:mod:`spafl.nn.chain`, bit-identical to autograd).
     """
     rng = generator(task.seed, "client_train", task.client_id, task.round_index)
     layers = [layer for _, layer in masked_layers(model)]
     thresholds = [layer.threshold for layer in layers]
     skip_singletons = has_batchnorm(model)
     model.train()
+    chain = chain_stages(model)  # the same gradients as autograd's, without its bookkeeping (spafl.nn.chain)
     total_loss = 0.0
     steps = 0
     n = data.num_train
@@ -169,9 +173,13 @@ def train_local(
         for inputs, labels in train_batches(data, order, batch_size, rng, skip_singletons):
             inputs = inputs.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(inputs), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if chain is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss = chain_gradients(chain, inputs, labels)
+            else:
+                loss = F.cross_entropy(model(inputs), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             if penalty > 0 and thresholds and thresholds[0].requires_grad:
                 add_penalty_gradient(thresholds, penalty)
             if grad_clip > 0:

@@ -25,6 +25,8 @@ class LeNet5(nn.Module):
     """
 
     compact_roles = {"conv1": "relu", "conv2": "relu", "fc1": "relu", "fc2": "logits"}
+    #: ``forward`` as stages, for the hand-written training step (spafl.nn.chain)
+    chain = (("conv1", "relu_pool2"), ("conv2", "relu_pool2"), ("fc1", "relu"), ("fc2", "logits"))
 
     def __init__(
         self,

@@ -106,43 +106,52 @@ def unfolded_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
+def conv_relu_pool2x2_forward(x: torch.Tensor, weight: torch.Tensor, padding) -> tuple[torch.Tensor, tuple]:
+    """:func:`unfolded_conv_relu_pool2x2`'s value, and what :func:`conv_relu_pool2x2_backward` needs."""
+    n, k, channels, kh, kw = x.shape[0], *weight.shape
+    blocks, h, w, span_w = _pooled_blocks(x, (kh, kw), padding)
+    # the weight laid out like the blocks' rows, zero where no window element is; trailing zeros cut
+    length = ((channels - 1) * (kh + 1) + kh - 1) * span_w + kw
+    laid_out = weight.new_zeros(k, channels, kh + 1, span_w)
+    laid_out[:, :, :kh, :kw] = weight
+    laid_out = laid_out.view(k, -1)[:, :length]
+    offsets = (0, 1, span_w, span_w + 1)  # corners (0,0), (0,1), (1,0), (1,1)
+    out = weight.new_empty(4, k, h * w * n)
+    for corner, offset in enumerate(offsets):
+        torch.mm(laid_out, blocks[offset : offset + length], out=out[corner])
+    out = out.view(4, k, h, w, n)
+    top = torch.maximum(torch.maximum(out[0], out[1]), torch.maximum(out[2], out[3]))
+    # [N, C, H, W] memory: LeNet-5's conv2 (oneDNN) takes 1.0 ms on it against 1.4 ms on the batch-last view
+    return top.clamp_min(0).permute(3, 0, 1, 2).contiguous(), (blocks, out, top, weight.shape, length, span_w, offsets)
+
+
+def conv_relu_pool2x2_backward(saved: tuple, grad: torch.Tensor) -> torch.Tensor:
+    """The weight's gradient of :func:`unfolded_conv_relu_pool2x2`, from ``grad`` at its output."""
+    blocks, out, top, shape, length, span_w, offsets = saved
+    k, channels, kh, kw = shape
+    grad_out = torch.empty_like(out)
+    _route_to_first_maximum(grad.permute(1, 2, 3, 0), out.unbind(0), top, grad_out.unbind(0))
+    grad_out = grad_out.view(4, k, -1)
+    # rows @ grad.t(): 1.07 ms for the four against 1.37 ms for grad @ rows.t() at LeNet-5's shapes (MKL, one thread)
+    grad_laid_out = grad_out.new_zeros(channels * (kh + 1) * span_w, k)
+    head = grad_laid_out[:length]
+    for corner, offset in enumerate(offsets):
+        head.addmm_(blocks[offset : offset + length], grad_out[corner].t())
+    return grad_laid_out.t().reshape(k, channels, kh + 1, span_w)[:, :, :kh, :kw].contiguous()
+
+
 class _ConvReluPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, padding):  # type: ignore[override]
-        n, k, channels, kh, kw = x.shape[0], *weight.shape
-        blocks, h, w, span_w = _pooled_blocks(x, (kh, kw), padding)
-        # the weight laid out like the blocks' rows, zero where no window element is; trailing zeros cut
-        length = ((channels - 1) * (kh + 1) + kh - 1) * span_w + kw
-        laid_out = weight.new_zeros(k, channels, kh + 1, span_w)
-        laid_out[:, :, :kh, :kw] = weight
-        laid_out = laid_out.view(k, -1)[:, :length]
-        offsets = (0, 1, span_w, span_w + 1)  # corners (0,0), (0,1), (1,0), (1,1)
-        out = weight.new_empty(4, k, h * w * n)
-        for corner, offset in enumerate(offsets):
-            torch.mm(laid_out, blocks[offset : offset + length], out=out[corner])
-        out = out.view(4, k, h, w, n)
-        top = torch.maximum(torch.maximum(out[0], out[1]), torch.maximum(out[2], out[3]))
-        ctx.save_for_backward(blocks, out, top)
-        ctx.layout = (weight.shape, length, span_w, offsets)
-        # [N, C, H, W] memory: LeNet-5's conv2 (oneDNN) takes 1.0 ms on it against 1.4 ms on the batch-last view
-        return top.clamp_min(0).permute(3, 0, 1, 2).contiguous()
+        out, ctx.saved = conv_relu_pool2x2_forward(x, weight, padding)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        blocks, out, top = ctx.saved_tensors
-        shape, length, span_w, offsets = ctx.layout
-        k, channels, kh, kw = shape
-        grad_out = torch.empty_like(out)
-        _route_to_first_maximum(grad.permute(1, 2, 3, 0), out.unbind(0), top, grad_out.unbind(0))
-        grad_out = grad_out.view(4, k, -1)
-        # rows @ grad.t(): 1.07 ms for the four against 1.37 ms for grad @ rows.t() at LeNet-5's shapes (MKL, one thread)
-        grad_laid_out = grad_out.new_zeros(channels * (kh + 1) * span_w, k)
-        head = grad_laid_out[:length]
-        for corner, offset in enumerate(offsets):
-            head.addmm_(blocks[offset : offset + length], grad_out[corner].t())
-        grad_weight = grad_laid_out.t().reshape(k, channels, kh + 1, span_w)[:, :, :kh, :kw]
-        return None, grad_weight.contiguous(), None
+        grad_weight = conv_relu_pool2x2_backward(ctx.saved, grad)
+        del ctx.saved
+        return None, grad_weight, None
 
 
 def unfolded_conv_relu_pool2x2(x: torch.Tensor, weight: torch.Tensor, padding) -> torch.Tensor:
@@ -173,30 +182,41 @@ def _route_to_first_maximum(grad, corners, top, routed) -> None:
         remaining -= routed_corner  # exactly 0 where this corner took the gradient
 
 
+def relu_max_pool2x2_forward(x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """:func:`relu_max_pool2x2`'s value, and what :func:`relu_max_pool2x2_backward` needs."""
+    h, w = x.shape[-2] // 2, x.shape[-1] // 2
+    windows = x[..., : 2 * h, : 2 * w].unflatten(-1, (w, 2)).unflatten(-3, (h, 2))  # [..., h, 2, w, 2]
+    corners = windows.movedim((-3, -1), (0, 1)).reshape(4, *x.shape[:-2], h, w)  # one strided copy
+    top = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
+    return top.clamp_min(0), (corners, top, x.shape)
+
+
+def relu_max_pool2x2_backward(saved: tuple, grad: torch.Tensor) -> torch.Tensor:
+    """The input's gradient of :func:`relu_max_pool2x2`, from ``grad`` at its output."""
+    corners, top, input_shape = saved
+    routed = torch.empty_like(corners)  # [4, ..., h, w]
+    _route_to_first_maximum(grad, corners.unbind(0), top, routed.unbind(0))
+    h, w = top.shape[-2:]
+    lead = top.shape[:-2]
+    grad_windows = routed.view(2, 2, *lead, h, w).movedim((0, 1), (-3, -1)).reshape(*lead, 2 * h, 2 * w)
+    if grad_windows.shape == input_shape:
+        return grad_windows
+    grad_x = grad.new_zeros(input_shape)
+    grad_x[..., : 2 * h, : 2 * w] = grad_windows
+    return grad_x
+
+
 class _ReluMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):  # type: ignore[override]
-        h, w = x.shape[-2] // 2, x.shape[-1] // 2
-        windows = x[..., : 2 * h, : 2 * w].unflatten(-1, (w, 2)).unflatten(-3, (h, 2))  # [..., h, 2, w, 2]
-        corners = windows.movedim((-3, -1), (0, 1)).reshape(4, *x.shape[:-2], h, w)  # one strided copy
-        top = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
-        ctx.save_for_backward(corners, top)
-        ctx.input_shape = x.shape
-        return top.clamp_min(0)
+        out, ctx.saved = relu_max_pool2x2_forward(x)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        corners, top = ctx.saved_tensors
-        routed = torch.empty_like(corners)  # [4, ..., h, w]
-        _route_to_first_maximum(grad, corners.unbind(0), top, routed.unbind(0))
-        h, w = top.shape[-2:]
-        lead = top.shape[:-2]
-        grad_windows = routed.view(2, 2, *lead, h, w).movedim((0, 1), (-3, -1)).reshape(*lead, 2 * h, 2 * w)
-        if grad_windows.shape == ctx.input_shape:
-            return grad_windows
-        grad_x = grad.new_zeros(ctx.input_shape)
-        grad_x[..., : 2 * h, : 2 * w] = grad_windows
+        grad_x = relu_max_pool2x2_backward(ctx.saved, grad)
+        del ctx.saved
         return grad_x
 
 

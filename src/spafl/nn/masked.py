@@ -22,6 +22,8 @@ that is exact (:mod:`spafl.nn.compact`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,12 +69,7 @@ class _UnitsOf(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, bias, threshold, rows, mask, trains, derivative):  # type: ignore[override]
-        if rows is None:
-            units = weight * per_unit(mask, weight)
-            units_bias = None if bias is None else bias * mask
-        else:
-            units = weight.index_select(0, rows)
-            units_bias = None if bias is None else bias.index_select(0, rows)
+        units, units_bias = compact_units(weight, bias, rows, mask)
         # the unmasked weights of the computed units: for kept rows the outputs themselves, saved without a copy
         ctx.save_for_backward(weight, bias, rows, mask, derivative, units, units_bias)
         ctx.trains = trains
@@ -83,31 +80,51 @@ class _UnitsOf(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_weight, grad_bias):  # type: ignore[override]
         weight, bias, rows, mask, derivative, units, units_bias = ctx.saved_tensors
-        if bias is None or grad_bias is None:
-            grad_bias = None
-        if rows is None:
-            unmasked, unmasked_bias = weight, bias
-            grad_units = grad_weight * per_unit(mask, weight)
-            grad_units_bias = None if grad_bias is None else grad_bias * mask
-        else:
-            unmasked, unmasked_bias = units, units_bias
-            grad_units, grad_units_bias = grad_weight, grad_bias
-        grad_threshold = None
-        if ctx.trains:
-            grad_mask = (grad_weight * unmasked).flatten(1).sum(1)
-            if grad_bias is not None:
-                grad_mask = grad_mask + grad_bias * unmasked_bias
-            if derivative is not None:
-                grad_mask = grad_mask * derivative
-            grad_units = grad_units + per_unit(grad_mask / unmasked[0].numel(), unmasked) * unmasked.sign()
-            grad_threshold = -grad_mask
-            if rows is not None:
-                grad_threshold = grad_mask.new_zeros(ctx.num_units).index_copy_(0, rows, grad_threshold)
-        if rows is None:
-            return grad_units, grad_units_bias, grad_threshold, None, None, None, None
-        grad_full = torch.zeros_like(weight).index_copy_(0, rows, grad_units)
-        grad_b = None if grad_bias is None else torch.zeros_like(bias).index_copy_(0, rows, grad_bias)
-        return grad_full, grad_b, grad_threshold, None, None, None, None
+        grads = compact_units_backward(
+            (weight, bias, rows, mask, derivative, units, units_bias), ctx.trains, ctx.num_units, grad_weight, grad_bias
+        )
+        return (*grads, None, None, None, None)
+
+
+def compact_units(weight, bias, rows, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The values of :class:`_UnitsOf`: ``W[rows], b[rows]``, or ``W * m, b * m`` when ``rows`` is None."""
+    if rows is None:
+        return weight * per_unit(mask, weight), None if bias is None else bias * mask
+    return weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows)
+
+
+def compact_units_backward(saved, trains: bool, num_units: int, grad_weight, grad_bias):
+    """:class:`_UnitsOf`'s gradients ``(dL/dW, dL/db, dL/dtau)`` from those of its outputs.
+
+    ``saved`` is ``(weight, bias, rows, mask, derivative, units, units_bias)``;
+    ``dL/dtau`` is None unless ``trains``.
+    """
+    weight, bias, rows, mask, derivative, units, units_bias = saved
+    if bias is None or grad_bias is None:
+        grad_bias = None
+    if rows is None:
+        unmasked, unmasked_bias = weight, bias
+        grad_units = grad_weight * per_unit(mask, weight)
+        grad_units_bias = None if grad_bias is None else grad_bias * mask
+    else:
+        unmasked, unmasked_bias = units, units_bias
+        grad_units, grad_units_bias = grad_weight, grad_bias
+    grad_threshold = None
+    if trains:
+        grad_mask = (grad_weight * unmasked).flatten(1).sum(1)
+        if grad_bias is not None:
+            grad_mask = grad_mask + grad_bias * unmasked_bias
+        if derivative is not None:
+            grad_mask = grad_mask * derivative
+        grad_units = grad_units + per_unit(grad_mask / unmasked[0].numel(), unmasked) * unmasked.sign()
+        grad_threshold = -grad_mask
+        if rows is not None:
+            grad_threshold = grad_mask.new_zeros(num_units).index_copy_(0, rows, grad_threshold)
+    if rows is None:
+        return grad_units, grad_units_bias, grad_threshold
+    grad_full = torch.zeros_like(weight).index_copy_(0, rows, grad_units)
+    grad_b = None if grad_bias is None else torch.zeros_like(bias).index_copy_(0, rows, grad_bias)
+    return grad_full, grad_b, grad_threshold
 
 
 class _Plan:
@@ -128,6 +145,22 @@ class _Plan:
 
     def matches(self, kept: torch.Tensor) -> bool:
         return self.kept.device == kept.device and torch.equal(self.kept, kept)
+
+
+class CompactUnits(NamedTuple):
+    """What a compact forward computes (see :meth:`MaskedLayer.compact_plan`).
+
+    ``rows``: the kept units' indices, when only they are computed; else None
+    and ``mask`` (0/1 per unit) multiplies every unit. ``trains``: whether the
+    thresholds get gradients. ``derivative``: the estimator's derivative at
+    the computed units (None for ``identity``, whose derivative is 1).
+    """
+
+    rows: torch.Tensor | None
+    mask: torch.Tensor | None
+    trains: bool
+    derivative: torch.Tensor | None
+    plan: _Plan
 
 
 class MaskedLayer(nn.Module):
@@ -262,7 +295,8 @@ class MaskedLayer(nn.Module):
             self._plan = _Plan(kept)
         return self._plan
 
-    def _compact_forward(self, x: torch.Tensor | Sliced, relu_pool: int) -> torch.Tensor | Sliced:
+    def compact_plan(self) -> CompactUnits:
+        """Which units this compact forward computes, and how (no graph); updates ``kept_fraction`` and ``computed_units``."""
         self._apply_collapse_guard()
         trains = self._trains_thresholds()
         with torch.no_grad():  # the estimator's gradient comes from _UnitsOf's backward
@@ -280,7 +314,12 @@ class MaskedLayer(nn.Module):
         derivative = None
         if trains and self.ste != "identity":
             derivative = step_derivative(gap if rows is None else gap.index_select(0, rows), self.ste)
-        weight, bias = _UnitsOf.apply(self.weight, self.bias, self.threshold, rows, mask, trains, derivative)
+        return CompactUnits(rows, mask, trains, derivative, plan)
+
+    def _compact_forward(self, x: torch.Tensor | Sliced, relu_pool: int) -> torch.Tensor | Sliced:
+        units = self.compact_plan()
+        rows, plan = units.rows, units.plan
+        weight, bias = _UnitsOf.apply(self.weight, self.bias, self.threshold, rows, units.mask, units.trains, units.derivative)
         if isinstance(x, Sliced) and self._accepts_sliced(x):
             constant = self._constant_input(weight, x)
             if constant is not None:
@@ -379,7 +418,7 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
         return self.kernel_size[0] * self.kernel_size[1]
 
     def _compute(self, x, weight, bias, relu_pool):
-        unfolds = self.compact and self._unfolds(x)
+        unfolds = self.compact and self.unfolds(x.requires_grad and torch.is_grad_enabled())
         if unfolds and relu_pool == 2 and bias is None and self.stride == (1, 1) and self.dilation == (1, 1):
             return unfolded_conv_relu_pool2x2(x, weight, self.padding)
         if unfolds:
@@ -388,12 +427,9 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
             out = self._conv_forward(x, weight, bias)
         return relu_max_pool2d(out, relu_pool, fused=self.compact) if relu_pool else out
 
-    def _unfolds(self, x: torch.Tensor) -> bool:
+    def unfolds(self, input_needs_grad: bool) -> bool:
         """Whether compact execution computes this conv as a matrix product (small fan-in, no input gradient)."""
-        return (
-            self.fan_in <= UNFOLD_MAX_FAN_IN and self.groups == 1 and not isinstance(self.padding, str)
-            and not (x.requires_grad and torch.is_grad_enabled())
-        )
+        return self.fan_in <= UNFOLD_MAX_FAN_IN and self.groups == 1 and not isinstance(self.padding, str) and not input_needs_grad
 
     def _drops_units(self):
         return self.groups == 1  # a subset of filters would regroup the input channels
