@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from spafl.algorithms import ClientTask, Reply, SpaFL
-from spafl.algorithms.spafl import add_penalty_gradient, importance_update, round_lr, threshold_penalty_coefficient
+from spafl.algorithms.spafl import (
+    add_penalty_gradient, importance_update, momentum_step, round_lr, steps_by_rows, threshold_penalty_coefficient,
+)
 from spafl.config import build_config
 from spafl.metrics import message_bits
 from spafl.nn import MaskedConv2d, MaskedLinear, masked_layers
@@ -96,6 +98,41 @@ def test_penalty_gradient_is_what_autograd_gives_bit_for_bit():
     lone = torch.tensor([0.0, 1.0], requires_grad=True)
     add_penalty_gradient([lone], coefficient)
     assert lone.grad.tolist() == pytest.approx([-coefficient, -coefficient * math.exp(-1.0)], rel=1e-6)
+
+
+def test_momentum_step_from_kept_rows_is_sgd_bit_for_bit():
+    """Three steps: the first creates the buffers, a frozen parameter (no gradient) is skipped, a dense gradient is taken as it is."""
+    generator = torch.Generator().manual_seed(6)
+    shapes = [(6, 4), (5, 2, 3, 3), (4,), (3,)]
+    by_rows = [torch.randn(shape, generator=generator).requires_grad_() for shape in shapes]
+    by_sgd = [p.detach().clone().requires_grad_() for p in by_rows]
+    optimizers = [torch.optim.SGD(params, lr=0.05, momentum=0.9) for params in (by_rows, by_sgd)]
+    assert steps_by_rows(optimizers[0])
+    kept = [torch.tensor([0, 3, 4]), torch.tensor([2])]
+    for step in range(3):
+        rows = {}
+        for position, index in enumerate(kept):
+            values = torch.randn((index.numel(), *shapes[position][1:]), generator=generator)
+            rows[by_rows[position]] = (index, values)
+            by_sgd[position].grad = torch.zeros(shapes[position]).index_copy_(0, index, values)
+        by_rows[2].grad = torch.randn(4, generator=generator)
+        by_sgd[2].grad = by_rows[2].grad.clone()
+        if step == 1:  # the last parameter trains in the first and last step only
+            by_rows[3].grad = by_sgd[3].grad = None
+        else:
+            by_rows[3].grad = torch.randn(3, generator=generator)
+            by_sgd[3].grad = by_rows[3].grad.clone()
+        momentum_step(optimizers[0], rows)
+        optimizers[1].step()
+        for mine, theirs in zip(by_rows, by_sgd):
+            assert torch.equal(mine, theirs)
+            assert torch.equal(optimizers[0].state[mine]["momentum_buffer"], optimizers[1].state[theirs]["momentum_buffer"])
+    assert not torch.equal(by_rows[0][1], by_rows[0][1] + 1)  # rows without gradient moved by momentum only
+    parameter = [torch.zeros(2, requires_grad=True)]
+    assert not steps_by_rows(torch.optim.SGD(parameter, lr=0.1, momentum=0.9, weight_decay=1e-4))
+    assert not steps_by_rows(torch.optim.SGD(parameter, lr=0.1, momentum=0.9, nesterov=True))
+    assert not steps_by_rows(torch.optim.SGD(parameter, lr=0.1))
+    assert not steps_by_rows(torch.optim.Adam(parameter, lr=0.1))
 
 
 def test_aggregation_uniform_and_sample_weighted_and_delta():

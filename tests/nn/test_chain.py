@@ -114,6 +114,7 @@ def test_chain_applies_only_to_compact_chains_with_trainable_weights():
 
 
 def test_train_local_by_hand_matches_autograd_over_two_epochs():
+    """Gradients by hand and the momentum step from kept rows, against autograd and ``optimizer.step()``."""
     images = torch.randint(0, 256, (45, 1, 28, 28), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
     labels = torch.arange(45) % 10
     data = ClientData(images, labels, images[:5], labels[:5], preprocess_for("fmnist", "raw"), 10)
@@ -127,8 +128,10 @@ def test_train_local_by_hand_matches_autograd_over_two_epochs():
             model, data, ClientTask(client_id=3, round_index=1, seed=0), epochs=2, batch_size=16, optimizer=optimizer,
             device=torch.device("cpu"), grad_clip=0.0, penalty=0.002, thresholds_trainable=lambda epoch: epoch == 1,
         )
-        results.append((loss, steps, {k: v.clone() for k, v in model.state_dict().items()}))
-    (loss_hand, steps_hand, hand), (loss_auto, steps_auto, auto) = results
+        buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+        results.append((loss, steps, {k: v.clone() for k, v in model.state_dict().items()}, buffers))
+    (loss_hand, steps_hand, hand, hand_buffers), (loss_auto, steps_auto, auto, auto_buffers) = results
     assert (loss_hand, steps_hand) == (loss_auto, steps_auto) and steps_hand == 6
     assert all(torch.equal(hand[name], auto[name]) for name in auto)
+    assert all(torch.equal(a, b) for a, b in zip(hand_buffers, auto_buffers))
     assert not torch.equal(hand["fc1.threshold"], lenet("identity", "mixed").fc1.threshold)  # thresholds trained

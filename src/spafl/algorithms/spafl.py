@@ -28,7 +28,7 @@ from spafl.algorithms.base import Algorithm, check_named_tensors, ClientData, Cl
 from spafl.data.batches import train_batches
 from spafl.metrics.flops import batches_per_epoch, dense_macs_per_sample, training_flops
 from spafl.nn import get_thresholds, masked_layers, num_masked_weights, set_thresholds
-from spafl.nn.chain import chain_gradients, chain_stages
+from spafl.nn.chain import RowGradients, chain_gradients, chain_stages
 from spafl.seeding import generator
 
 THRESHOLDS = "thresholds/"
@@ -117,6 +117,50 @@ def client_optimizer(parameters, config, client: State, round_index: int) -> tor
     return optimizer
 
 
+def steps_by_rows(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether :func:`momentum_step` can stand in for ``optimizer.step()``: plain SGD with momentum, nothing else."""
+    return type(optimizer) is torch.optim.SGD and all(
+        group["momentum"] > 0 and group["dampening"] == 0 and group["weight_decay"] == 0
+        and not (group["nesterov"] or group["maximize"] or group["fused"] or group.get("differentiable"))
+        for group in optimizer.param_groups
+    )
+
+
+@torch.no_grad()
+def momentum_step(optimizer: torch.optim.SGD, rows: RowGradients) -> None:
+    """``optimizer.step()`` (SGD with momentum, see :func:`steps_by_rows`), where the weights in ``rows`` have only their kept rows' gradient.
+
+    Bit for bit what ``optimizer.step()`` does with each such weight's
+    full-size gradient (0 outside the rows): ``buf = momentum * buf + grad``,
+    ``param -= lr * buf``. Adding a 0 leaves every value as it is (a -0.0
+    can become +0.0, which compares equal). So the ``index_add_`` of the
+    rows does the second pass, without writing, scattering and adding a
+    full-size gradient: for LeNet-5's fc1, three passes over 1.6 MB fewer
+    per step. Parameters without a gradient (frozen thresholds) are skipped,
+    as ``optimizer.step()`` skips them.
+    """
+    for group in optimizer.param_groups:
+        lr, momentum = group["lr"], group["momentum"]
+        for param in group["params"]:
+            kept = rows.get(param)
+            if kept is None and param.grad is None:
+                continue
+            state = optimizer.state[param]
+            buf = state.get("momentum_buffer")
+            if kept is None:
+                if buf is None:
+                    buf = state["momentum_buffer"] = param.grad.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(param.grad)
+            else:
+                index, grad = kept
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.zeros_like(param).index_copy_(0, index, grad)
+                else:
+                    buf.mul_(momentum).index_add_(0, index, grad)
+            param.add_(buf, alpha=-lr)
+
+
 def export_optimizer(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state dict with every tensor copied to the CPU (for the client state)."""
     saved = optimizer.state_dict()
@@ -153,7 +197,8 @@ def train_local(
     A trailing batch of one sample is skipped when the model has BatchNorm
     (training-mode BatchNorm cannot normalize a single sample). A model that
     is a chain of masked layers in compact execution is differentiated by
-    hand (:mod:`spafl.nn.chain`, bit-identical to autograd).
+    hand (:mod:`spafl.nn.chain`, bit-identical to autograd), and plain
+    momentum SGD then updates it from the kept rows' gradients (:func:`momentum_step`).
     """
     rng = generator(task.seed, "client_train", task.client_id, task.round_index)
     layers = [layer for _, layer in masked_layers(model)]
@@ -161,6 +206,9 @@ def train_local(
     skip_singletons = has_batchnorm(model)
     model.train()
     chain = chain_stages(model)  # the same gradients as autograd's, without its bookkeeping (spafl.nn.chain)
+    # kept rows' gradients only, where the update needs no full-size gradient (bit-identical, see momentum_step)
+    by_rows = chain is not None and grad_clip <= 0 and steps_by_rows(optimizer)
+    rows: RowGradients = {}
     total_loss = 0.0
     steps = 0
     n = data.num_train
@@ -175,7 +223,8 @@ def train_local(
             labels = labels.to(device, non_blocking=True)
             if chain is not None:
                 optimizer.zero_grad(set_to_none=True)
-                loss = chain_gradients(chain, inputs, labels)
+                rows.clear()
+                loss = chain_gradients(chain, inputs, labels, rows if by_rows else None)
             else:
                 loss = F.cross_entropy(model(inputs), labels)
                 optimizer.zero_grad(set_to_none=True)
@@ -184,7 +233,10 @@ def train_local(
                 add_penalty_gradient(thresholds, penalty)
             if grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+            if rows:
+                momentum_step(optimizer, rows)  # type: ignore[arg-type]
+            else:
+                optimizer.step()
             if threshold_clip > 0:
                 with torch.no_grad():
                     for layer in layers:

@@ -99,22 +99,31 @@ class _Step:
     fused: bool = False
 
 
-def chain_gradients(stages: list[tuple[MaskedLayer, str]], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+#: Gradients of kept rows only: weight -> (row indices, the rows' gradient); every other row's gradient is 0.
+RowGradients = dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+def chain_gradients(
+    stages: list[tuple[MaskedLayer, str]], inputs: torch.Tensor, labels: torch.Tensor, rows: RowGradients | None = None
+) -> torch.Tensor:
     """The mean cross-entropy of the chain's logits; every weight's and training threshold's gradient is added to ``.grad``.
 
     What ``loss = F.cross_entropy(model(inputs), labels); loss.backward()``
     gives under compact execution, bit for bit, including the layers'
-    ``kept_fraction`` and ``computed_units``.
+    ``kept_fraction`` and ``computed_units``. With ``rows`` (a dict, empty
+    and each weight's ``.grad`` None), the gradient of a weight of which
+    only kept rows were computed goes into ``rows`` instead of a full-size
+    ``.grad`` that is 0 outside them (see :func:`spafl.algorithms.spafl.momentum_step`).
     """
     if not torch.is_grad_enabled():
         raise RuntimeError("chain_gradients computes gradients: call it with gradients enabled")
     # each layer's plan depends on its own weight and threshold only; thresholds train only where grad mode is on
     plans = [layer.compact_plan() for layer, _ in stages]
     with torch.no_grad():
-        return _chain_gradients(stages, plans, inputs, labels)
+        return _chain_gradients(stages, plans, inputs, labels, rows)
 
 
-def _chain_gradients(stages, plans: list[CompactUnits], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _chain_gradients(stages, plans: list[CompactUnits], inputs: torch.Tensor, labels: torch.Tensor, rows: RowGradients | None) -> torch.Tensor:
     steps = []
     x: torch.Tensor = inputs
     sliced: Sliced | None = None  # x's computed channels, when not all are
@@ -151,11 +160,11 @@ def _chain_gradients(stages, plans: list[CompactUnits], inputs: torch.Tensor, la
     grad = torch.ops.aten.nll_loss_backward(torch.ones_like(loss), log_probabilities, labels, None, _MEAN, _IGNORE, total_weight)
     grad = torch.ops.aten._log_softmax_backward_data(grad, log_probabilities, 1, log_probabilities.dtype)
     for position in range(len(steps) - 1, -1, -1):
-        grad = _backward(steps[position], grad, position > 0)
+        grad = _backward(steps[position], grad, position > 0, rows)
     return loss
 
 
-def _backward(step: _Step, grad: torch.Tensor, input_needs_grad: bool) -> torch.Tensor | None:
+def _backward(step: _Step, grad: torch.Tensor, input_needs_grad: bool, rows: RowGradients | None) -> torch.Tensor | None:
     """Accumulate one stage's weight and threshold gradients from ``grad`` at its output; return its input's gradient."""
     layer, units, x = step.layer, step.units, step.inputs
     grad_x = None
@@ -182,8 +191,13 @@ def _backward(step: _Step, grad: torch.Tensor, input_needs_grad: bool) -> torch.
     if step.index is not None:
         grad_weight = step.weight.new_zeros(step.weight.shape).index_add_(1, step.index, grad_used)
     saved = (layer.weight, None, units.rows, units.mask, units.derivative, step.weight, None)
-    grad_full, _, grad_threshold = compact_units_backward(saved, units.trains, layer.num_units, grad_weight, None)
-    _accumulate(layer.weight, grad_full)
+    by_rows = rows is not None and units.rows is not None
+    grad_full, _, grad_threshold = compact_units_backward(saved, units.trains, layer.num_units, grad_weight, None, scatter=not by_rows)
+    if by_rows:
+        assert rows is not None and units.rows is not None and layer.weight.grad is None and layer.weight not in rows
+        rows[layer.weight] = (units.rows, grad_full)
+    else:
+        _accumulate(layer.weight, grad_full)
     if grad_threshold is not None:
         _accumulate(layer.threshold, grad_threshold)
     return None if grad_x is None else grad_x.view(step.input_shape)

@@ -93,11 +93,12 @@ def compact_units(weight, bias, rows, mask) -> tuple[torch.Tensor, torch.Tensor 
     return weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows)
 
 
-def compact_units_backward(saved, trains: bool, num_units: int, grad_weight, grad_bias):
+def compact_units_backward(saved, trains: bool, num_units: int, grad_weight, grad_bias, scatter: bool = True):
     """:class:`_UnitsOf`'s gradients ``(dL/dW, dL/db, dL/dtau)`` from those of its outputs.
 
     ``saved`` is ``(weight, bias, rows, mask, derivative, units, units_bias)``;
-    ``dL/dtau`` is None unless ``trains``.
+    ``dL/dtau`` is None unless ``trains``. With ``scatter`` off and kept
+    ``rows``, ``dL/dW`` and ``dL/db`` are only those rows (the others are 0).
     """
     weight, bias, rows, mask, derivative, units, units_bias = saved
     if bias is None or grad_bias is None:
@@ -120,7 +121,7 @@ def compact_units_backward(saved, trains: bool, num_units: int, grad_weight, gra
         grad_threshold = -grad_mask
         if rows is not None:
             grad_threshold = grad_mask.new_zeros(num_units).index_copy_(0, rows, grad_threshold)
-    if rows is None:
+    if rows is None or not scatter:
         return grad_units, grad_units_bias, grad_threshold
     grad_full = torch.zeros_like(weight).index_copy_(0, rows, grad_units)
     grad_b = None if grad_bias is None else torch.zeros_like(bias).index_copy_(0, rows, grad_bias)
