@@ -11,18 +11,23 @@ evaluation pass), after the jobs are in the parent's memory: they see the
 federation, the algorithm and the jobs' client states copy-on-write, and
 only a job's index goes to a worker and its (small, or newly trained)
 result comes back. Sending a client's model through a pipe costs more than
-forking (about 7 ms per LeNet-5 state, 25-50 ms per fork of a pool). Each
-worker computes with one thread, so a run with ``workers=W`` gives exactly
-the results of a serial run with ``threads=1``, whatever W is. Work too
-small to pay for a fork (a single job; an evaluation of few test samples,
-such as the clients one round changed) runs in the parent, also with one
-thread. Workers ignore Ctrl-C: the parent stops them.
+forking (about 7 ms per LeNet-5 state, 20-30 ms per forked process of a
+1 GB parent). The parent is one of the ``workers``: it forks ``workers - 1``
+children and takes jobs from the same shared counter as they do, and a
+child that has delivered its results exits while the parent goes on (it is
+reaped at the next batch). Each worker computes with one thread, so a run
+with ``workers=W`` gives exactly the results of a serial run with
+``threads=1``, whatever W is. Work too small to pay for a fork (a single
+job; an evaluation of few test samples, such as the clients one round
+changed) runs in the parent alone, also with one thread. Children ignore
+Ctrl-C: the parent stops them.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import signal
 import sys
 from collections.abc import Iterable, Iterator
@@ -87,8 +92,45 @@ def _evaluate(job: tuple[int, dict[str, torch.Tensor]]) -> ClientEval:
     return evaluate_client(algorithm.workspace(weights), _inherited["clients"][client_id], _inherited["eval_batch_size"], algorithm.device)
 
 
-def _run_inherited(index: int):
-    return _inherited["function"](_inherited["jobs"][index])
+def _take(counter, count: int) -> Iterator[int]:
+    """Positions ``0..count-1``, each handed to exactly one of the processes sharing ``counter``."""
+    while True:
+        with counter.get_lock():
+            position = counter.value
+            counter.value = position + 1
+        if position >= count:
+            return
+        yield position
+
+
+def _child(counter, results, received) -> None:
+    """A forked worker: run the inherited jobs it takes, put ``(job, ok, result or error)`` on ``results``.
+
+    Tensors travel in shared memory, handed over by this process: it stays
+    until the parent releases ``received`` (a semaphore, which needs no
+    answer from a child that has died, unlike an event).
+    """
+    _start_worker()
+    function, jobs, order = _inherited["function"], _inherited["jobs"], _inherited["order"]
+    for position in _take(counter, len(order)):
+        job = order[position]
+        try:
+            results.put((job, True, function(jobs[job])))
+        except BaseException as error:  # the parent re-raises it
+            results.put((job, False, error))
+            break
+    received.acquire()
+
+
+def _receive(results, children: list, timeout: float = 1.0):
+    """The next ``(job, ok, value)`` from a child; an error if every child has ended and none is left."""
+    while True:
+        try:
+            return results.get(timeout=timeout)
+        except queue.Empty:
+            if all(child.exitcode is not None for child in children):
+                codes = sorted({child.exitcode for child in children})
+                raise RuntimeError(f"a worker process ended without returning its results (exit codes {codes})") from None
 
 
 def _nbytes(job) -> int:
@@ -102,7 +144,7 @@ def _nbytes(job) -> int:
     return 0
 
 
-def _single_threaded(function, jobs: list) -> list:
+def _single_threaded(function, jobs: Iterable) -> list:
     """``function`` of each job in this process, with one thread as in a worker, so results do not depend on where jobs run."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -129,9 +171,10 @@ class ClientRunner:
         self.eval_batch_size = eval_batch_size
         self.workers = workers
         self._warm = False
+        self._exiting: list = []
 
     def _run(self, function, jobs: list, order: list[int], fork: bool = True) -> list:
-        """``function`` of each job, in job order; with workers (and ``fork``), started in ``order`` by freshly forked processes."""
+        """``function`` of each job, in job order; with workers (and ``fork``), started in ``order`` by this process and forked ones."""
         _inherited.update(algorithm=self.algorithm, clients=self.clients, eval_batch_size=self.eval_batch_size)
         if self.workers <= 1:
             return [function(job) for job in jobs]
@@ -140,18 +183,45 @@ class ClientRunner:
         if not self._warm:
             _warm_before_fork()
             self._warm = True
-        _inherited.update(function=function, jobs=jobs)
-        results: list = [None] * len(jobs)
-        pool = multiprocessing.get_context("fork").Pool(min(self.workers, len(jobs)), initializer=_start_worker)
+        self._reap()
+        context = multiprocessing.get_context("fork")
+        counter = context.Value("q", 0)
+        results_queue = context.Queue()
+        received = context.Semaphore(0)
+        _inherited.update(function=function, jobs=jobs, order=order)
+        children = []
         try:
-            for position, result in zip(order, pool.imap(_run_inherited, order)):
-                results[position] = result
-            pool.close()  # workers finish and exit on their own
+            for _ in range(min(self.workers, len(jobs)) - 1):
+                child = context.Process(target=_child, args=(counter, results_queue, received), daemon=True)
+                child.start()
+                children.append(child)
+            results: list = [None] * len(jobs)
+            # the parent takes jobs one at a time from the same counter, between the children's
+            own = _single_threaded(lambda position: (order[position], function(jobs[order[position]])), _take(counter, len(jobs)))
+            for job, result in own:
+                results[job] = result
+            for _ in range(len(jobs) - len(own)):
+                job, ok, value = _receive(results_queue, children)
+                if not ok:
+                    raise value
+                results[job] = value
+        except BaseException:
+            for child in children:
+                child.terminate()
+            raise
         finally:
-            _inherited.pop("jobs")
-            pool.terminate()
-            pool.join()
+            for _ in children:
+                received.release()  # the children exit now, while this process goes on
+            for name in ("function", "jobs", "order"):
+                _inherited.pop(name, None)
+            self._exiting.extend(children)
         return results
+
+    def _reap(self, wait: bool = False) -> None:
+        """Collect the children of earlier batches that have exited; with ``wait``, wait for all of them."""
+        for child in self._exiting:
+            child.join(None if wait else 0)
+        self._exiting = [child for child in self._exiting if child.exitcode is None]
 
     def train(self, jobs: list[TrainJob]) -> list[tuple[ClientResult, ClientEval | None]]:
         """``client_update`` of each ``(client_id, state, message, task, server)``, results in job order.
@@ -192,4 +262,5 @@ class ClientRunner:
         return self._run(_evaluate, chunk, list(range(len(chunk))), fork=samples >= PARALLEL_EVAL_MIN_SAMPLES)
 
     def close(self) -> None:
-        """Nothing to release: workers live only while a batch of work runs."""
+        """Wait for the last forked workers to have exited (workers live only while a batch of work runs)."""
+        self._reap(wait=True)
