@@ -137,28 +137,47 @@ def momentum_step(optimizer: torch.optim.SGD, rows: RowGradients) -> None:
     rows does the second pass, without writing, scattering and adding a
     full-size gradient: for LeNet-5's fc1, three passes over 1.6 MB fewer
     per step. Parameters without a gradient (frozen thresholds) are skipped,
-    as ``optimizer.step()`` skips them.
+    as ``optimizer.step()`` skips them. Each pass runs over all parameters
+    at once (``torch._foreach_*``), with the same arithmetic per value.
     """
     for group in optimizer.param_groups:
-        lr, momentum = group["lr"], group["momentum"]
+        params, buffers, decaying, dense, dense_grads, by_rows = [], [], [], [], [], []
         for param in group["params"]:
             kept = rows.get(param)
             if kept is None and param.grad is None:
                 continue
             state = optimizer.state[param]
             buf = state.get("momentum_buffer")
-            if kept is None:
-                if buf is None:
-                    buf = state["momentum_buffer"] = param.grad.detach().clone()
+            if buf is None:  # the first step: the buffer is the gradient
+                if kept is None:
+                    buf = param.grad.detach().clone()
                 else:
-                    buf.mul_(momentum).add_(param.grad)
+                    buf = torch.zeros_like(param).index_copy_(0, kept[0], kept[1])
+                state["momentum_buffer"] = buf
             else:
-                index, grad = kept
-                if buf is None:
-                    buf = state["momentum_buffer"] = torch.zeros_like(param).index_copy_(0, index, grad)
+                decaying.append(buf)
+                if kept is None:
+                    dense.append(buf)
+                    dense_grads.append(param.grad)
                 else:
-                    buf.mul_(momentum).index_add_(0, index, grad)
-            param.add_(buf, alpha=-lr)
+                    by_rows.append((buf, kept))
+            params.append(param)
+            buffers.append(buf)
+        if decaying:
+            torch._foreach_mul_(decaying, group["momentum"])
+        if dense:
+            torch._foreach_add_(dense, dense_grads)
+        for buf, (index, grad) in by_rows:
+            buf.index_add_(0, index, grad)
+        if params:
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+
+
+def zero_grad(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)`` without its bookkeeping (0.15 ms for LeNet-5's eight parameters)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
 
 
 def export_optimizer(optimizer: torch.optim.Optimizer) -> dict:
@@ -222,7 +241,7 @@ def train_local(
             inputs = inputs.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if chain is not None:
-                optimizer.zero_grad(set_to_none=True)
+                zero_grad(optimizer)
                 rows.clear()
                 loss = chain_gradients(chain, inputs, labels, rows if by_rows else None)
             else:

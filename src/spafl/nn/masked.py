@@ -136,13 +136,20 @@ class _Plan:
     ``memo``) are computed once per change instead of once per forward.
     """
 
-    __slots__ = ("kept", "rows", "dropped", "memo")
+    __slots__ = ("kept", "rows", "dropped", "memo", "_mask")
 
     def __init__(self, kept: torch.Tensor) -> None:
         self.kept = kept
         self.rows = kept.nonzero().squeeze(1)
         self.dropped = (~kept).nonzero().squeeze(1)
         self.memo: dict = {}
+        self._mask: torch.Tensor | None = None
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The kept set as 0/1 values of ``dtype``."""
+        if self._mask is None or self._mask.dtype != dtype:
+            self._mask = self.kept.to(dtype)
+        return self._mask
 
     def matches(self, kept: torch.Tensor) -> bool:
         return self.kept.device == kept.device and torch.equal(self.kept, kept)
@@ -289,6 +296,8 @@ class MaskedLayer(nn.Module):
         """Whether dropping the pruned units leaves every gradient unchanged (module docstring of spafl.nn.compact)."""
         if not self._trains_thresholds() or self.compact_role == "relu":
             return True
+        if self.ste == "identity":  # its derivative is 1 everywhere
+            return dropped.numel() == 0
         return not bool(step_derivative(gap.index_select(0, dropped), self.ste).any())
 
     def _kept_plan(self, kept: torch.Tensor) -> _Plan:
@@ -310,7 +319,7 @@ class MaskedLayer(nn.Module):
         if 0 < num_kept < self.num_units and self._drops_units() and self._pruned_units_need_no_gradient(gap, plan.dropped):
             rows = plan.rows
         else:
-            mask = plan.kept.to(self.weight.dtype)
+            mask = plan.mask(self.weight.dtype)
         self.computed_units = self.num_units if rows is None else num_kept
         derivative = None
         if trains and self.ste != "identity":
