@@ -25,11 +25,13 @@ Ctrl-C: the parent stops them.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import queue
 import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -103,30 +105,68 @@ def _take(counter, count: int) -> Iterator[int]:
         yield position
 
 
-def _child(counter, results, received) -> None:
-    """A forked worker: run the inherited jobs it takes, put ``(job, ok, result or error)`` on ``results``.
-
-    Tensors travel in shared memory, handed over by this process: it stays
-    until the parent releases ``received`` (a semaphore, which needs no
-    answer from a child that has died, unlike an event).
-    """
+def _child(counter, results) -> None:
+    """A forked worker: run the inherited jobs it takes, put ``(job, ok, result or error)`` on ``results``."""
     _start_worker()
     function, jobs, order = _inherited["function"], _inherited["jobs"], _inherited["order"]
     for position in _take(counter, len(order)):
         job = order[position]
         try:
-            results.put((job, True, function(jobs[job])))
+            message = (job, True, function(jobs[job]))
         except BaseException as error:  # the parent re-raises it
-            results.put((job, False, error))
+            message = (job, False, error)
+        results.put(_pack(message))
+        if not message[1]:
             break
-    received.acquire()
+    results.put(_pack((None, True, None)))  # this child takes no more jobs
+
+
+def _pack(message: tuple) -> bytes:
+    """``message`` as bytes (``torch.save``), tensors copied in.
+
+    The alternative, multiprocessing's tensors in shared memory, hands over
+    each tensor's file descriptor through a connection to the sending
+    process: 8-20 ms per LeNet-5 client result, against 2 ms to save and
+    1.3 ms to load its 3.4 MB.
+    """
+    buffer = io.BytesIO()
+    try:
+        torch.save(message, buffer)
+    except Exception as error:  # a result or an error that cannot be pickled
+        buffer = io.BytesIO()
+        torch.save((message[0], False, RuntimeError(f"a worker's result could not be sent back: {error!r}")), buffer)
+    return buffer.getvalue()
+
+
+class _Receiver(threading.Thread):
+    """Reads the children's results while this process runs its own jobs (reading one costs a few ms)."""
+
+    def __init__(self, results, children: list) -> None:
+        super().__init__(daemon=True)
+        self.results, self.children = results, children
+        self.received: dict[int, Any] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        finished = 0
+        try:
+            while finished < len(self.children):
+                job, ok, value = _receive(self.results, self.children)
+                if job is None:
+                    finished += 1
+                elif ok:
+                    self.received[job] = value
+                elif self.error is None:
+                    self.error = value
+        except BaseException as error:  # a child that died
+            self.error = error
 
 
 def _receive(results, children: list, timeout: float = 1.0):
     """The next ``(job, ok, value)`` from a child; an error if every child has ended and none is left."""
     while True:
         try:
-            return results.get(timeout=timeout)
+            return torch.load(io.BytesIO(results.get(timeout=timeout)), weights_only=False)  # from our own child
         except queue.Empty:
             if all(child.exitcode is not None for child in children):
                 codes = sorted({child.exitcode for child in children})
@@ -187,34 +227,31 @@ class ClientRunner:
         context = multiprocessing.get_context("fork")
         counter = context.Value("q", 0)
         results_queue = context.Queue()
-        received = context.Semaphore(0)
         _inherited.update(function=function, jobs=jobs, order=order)
         children = []
         try:
             for _ in range(min(self.workers, len(jobs)) - 1):
-                child = context.Process(target=_child, args=(counter, results_queue, received), daemon=True)
+                child = context.Process(target=_child, args=(counter, results_queue), daemon=True)
                 child.start()
                 children.append(child)
-            results: list = [None] * len(jobs)
+            receiver = _Receiver(results_queue, children)
+            receiver.start()
             # the parent takes jobs one at a time from the same counter, between the children's
             own = _single_threaded(lambda position: (order[position], function(jobs[order[position]])), _take(counter, len(jobs)))
-            for job, result in own:
+            receiver.join()
+            if receiver.error is not None:
+                raise receiver.error
+            results = [None] * len(jobs)
+            for job, result in [*own, *receiver.received.items()]:
                 results[job] = result
-            for _ in range(len(jobs) - len(own)):
-                job, ok, value = _receive(results_queue, children)
-                if not ok:
-                    raise value
-                results[job] = value
         except BaseException:
             for child in children:
                 child.terminate()
             raise
         finally:
-            for _ in children:
-                received.release()  # the children exit now, while this process goes on
             for name in ("function", "jobs", "order"):
                 _inherited.pop(name, None)
-            self._exiting.extend(children)
+            self._exiting.extend(children)  # they exit once their results are read, while this process goes on
         return results
 
     def _reap(self, wait: bool = False) -> None:
