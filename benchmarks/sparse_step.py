@@ -8,8 +8,10 @@ paper's local epochs before the last), weights train with SGD + momentum.
 For each model and density it times, interleaved in rounds so that machine
 noise hits every configuration alike:
 
-* ``train_compact`` / ``infer_compact``: compact execution (spafl's fast path);
-* ``train_masked`` / ``infer_masked``: the dense layer times the 0/1 mask.
+* ``train_compact`` / ``infer_compact``: compact execution, trained as
+  ``spafl run`` trains it (LeNet-5, a chain model: gradients by hand and
+  the momentum step from kept rows, ``spafl.nn.chain``; Conv4: autograd);
+* ``train_masked`` / ``infer_masked``: the dense layer times the 0/1 mask (autograd).
 
 Each figure is the median over rounds of the mean step time in a round.
 Ratios are relative to the dense model (d = 1.0) on the same path, measured
@@ -30,7 +32,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from spafl.algorithms.spafl import momentum_step, steps_by_rows, zero_grad
 from spafl.models import build_model
+from spafl.nn.chain import chain_gradients, chain_stages
 from spafl.nn import layer_densities, masked_layers
 from spafl.nn.compact import set_compact
 
@@ -70,8 +74,16 @@ def make(name: str, density: float, compact: bool, seed: int = 0):
 
 def train_steps(model, optimizer, x, y, steps: int) -> float:
     model.train()
+    chain = chain_stages(model)
+    rows: dict = {}
     began = time.perf_counter()
     for _ in range(steps):
+        if chain is not None and steps_by_rows(optimizer):  # as spafl.algorithms.spafl.train_local does it
+            zero_grad(optimizer)
+            rows.clear()
+            chain_gradients(chain, x, y, rows)
+            momentum_step(optimizer, rows)
+            continue
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -10,12 +10,13 @@ Workers are forked afresh for each batch of work (a round's training, an
 evaluation pass), after the jobs are in the parent's memory: they see the
 federation, the algorithm and the jobs' client states copy-on-write, and
 only a job's index goes to a worker and its (small, or newly trained)
-result comes back. Sending a client's model through a pipe costs more than
-forking (about 7 ms per LeNet-5 state, 20-30 ms per forked process of a
-1 GB parent). The parent is one of the ``workers``: it forks ``workers - 1``
-children and takes jobs from the same shared counter as they do, and a
-child that has delivered its results exits while the parent goes on (it is
-reaped at the next batch). Each worker computes with one thread, so a run
+result comes back, as bytes that a thread of the parent reads while the
+parent computes. Sending every job's client state to long-lived workers
+would cost more than forking (a few ms per LeNet-5 state each way, 20-30 ms
+per forked process of a 1 GB parent). The parent is one of the
+``workers``: it forks ``workers - 1`` children and takes jobs from the same
+shared counter as they do, and a child that has delivered its results
+exits while the parent goes on (it is reaped at the next batch). Each worker computes with one thread, so a run
 with ``workers=W`` gives exactly the results of a serial run with
 ``threads=1``, whatever W is. Work too small to pay for a fork (a single
 job; an evaluation of few test samples, such as the clients one round
