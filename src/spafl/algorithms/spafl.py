@@ -120,7 +120,7 @@ def client_optimizer(parameters, config, client: State, round_index: int) -> tor
 def steps_by_rows(optimizer: torch.optim.Optimizer) -> bool:
     """Whether :func:`momentum_step` can stand in for ``optimizer.step()``: plain SGD with momentum, nothing else."""
     return type(optimizer) is torch.optim.SGD and all(
-        group["momentum"] > 0 and group["dampening"] == 0 and group["weight_decay"] == 0
+        group["momentum"] > 0 and group["dampening"] == 0 and group["weight_decay"] == 0 and not torch.is_tensor(group["lr"])
         and not (group["nesterov"] or group["maximize"] or group["fused"] or group.get("differentiable"))
         for group in optimizer.param_groups
     )

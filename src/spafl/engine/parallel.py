@@ -16,9 +16,9 @@ would cost more than forking (a few ms per LeNet-5 state each way, 20-30 ms
 per forked process of a 1 GB parent). The parent is one of the
 ``workers``: it forks ``workers - 1`` children and takes jobs from the same
 shared counter as they do, and a child that has delivered its results
-exits while the parent goes on (it is reaped at the next batch). Each worker computes with one thread, so a run
-with ``workers=W`` gives exactly the results of a serial run with
-``threads=1``, whatever W is. Work too small to pay for a fork (a single
+exits while the parent goes on (it is reaped at the next batch). Each
+worker computes with one thread, so a run with ``workers=W`` gives exactly
+the results of a serial run with ``threads=1``, whatever W is. Work too small to pay for a fork (a single
 job; an evaluation of few test samples, such as the clients one round
 changed) runs in the parent alone, also with one thread. Children ignore
 Ctrl-C: the parent stops them.
@@ -237,8 +237,9 @@ class ClientRunner:
                 children.append(child)
             receiver = _Receiver(results_queue, children)
             receiver.start()
-            # the parent takes jobs one at a time from the same counter, between the children's
-            own = _single_threaded(lambda position: (order[position], function(jobs[order[position]])), _take(counter, len(jobs)))
+            # the parent takes jobs one at a time from the same counter, between the children's, until a child fails
+            positions = (position for position in _take(counter, len(jobs)) if receiver.error is None)
+            own = _single_threaded(lambda position: (order[position], function(jobs[order[position]])), positions)
             receiver.join()
             if receiver.error is not None:
                 raise receiver.error
