@@ -30,11 +30,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from spafl.algorithms.spafl import momentum_step, steps_by_rows, zero_grad
+from spafl.algorithms.spafl import LocalStep
 from spafl.models import build_model
-from spafl.nn.chain import chain_gradients, chain_stages
 from spafl.nn import layer_densities, masked_layers
 from spafl.nn.compact import set_compact
 
@@ -74,20 +72,11 @@ def make(name: str, density: float, compact: bool, seed: int = 0):
 
 def train_steps(model, optimizer, x, y, steps: int) -> float:
     model.train()
-    chain = chain_stages(model)
-    rows: dict = {}
+    step = LocalStep(model, optimizer)  # as spafl.algorithms.spafl.train_local takes a step
     began = time.perf_counter()
     for _ in range(steps):
-        if chain is not None and steps_by_rows(optimizer):  # as spafl.algorithms.spafl.train_local does it
-            zero_grad(optimizer)
-            rows.clear()
-            chain_gradients(chain, x, y, rows)
-            momentum_step(optimizer, rows)
-            continue
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step.gradients(x, y)
+        step.update()
     return (time.perf_counter() - began) / steps
 
 

@@ -180,6 +180,41 @@ def zero_grad(optimizer: torch.optim.Optimizer) -> None:
             param.grad = None
 
 
+class LocalStep:
+    """A local SGD step's gradients and update: by hand for a chain model, by autograd otherwise.
+
+    A model that is a chain of masked layers in compact execution is
+    differentiated by hand (:mod:`spafl.nn.chain`, bit-identical to
+    autograd); plain momentum SGD without gradient clipping then updates it
+    from the kept rows' gradients (:func:`momentum_step`, bit-identical to
+    ``optimizer.step()``). Between :meth:`gradients` and :meth:`update`, the
+    ``.grad`` of every other parameter can be changed (penalty, clipping).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.chain = chain_stages(model)
+        self.by_rows = self.chain is not None and grad_clip <= 0 and steps_by_rows(optimizer)
+        self.rows: RowGradients = {}
+
+    def gradients(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of the batch; the gradients are in ``.grad`` (and the kept rows')."""
+        if self.chain is None:
+            loss = F.cross_entropy(self.model(inputs), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss
+        zero_grad(self.optimizer)
+        self.rows.clear()
+        return chain_gradients(self.chain, inputs, labels, self.rows if self.by_rows else None)
+
+    def update(self) -> None:
+        if self.rows:
+            momentum_step(self.optimizer, self.rows)  # type: ignore[arg-type]
+        else:
+            self.optimizer.step()
+
+
 def export_optimizer(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state dict with every tensor copied to the CPU (for the client state)."""
     saved = optimizer.state_dict()
@@ -214,20 +249,15 @@ def train_local(
     by (seed, client, round) only. ``thresholds_trainable(epoch)`` says
     whether thresholds get gradients in that epoch (None: never touched).
     A trailing batch of one sample is skipped when the model has BatchNorm
-    (training-mode BatchNorm cannot normalize a single sample). A model that
-    is a chain of masked layers in compact execution is differentiated by
-    hand (:mod:`spafl.nn.chain`, bit-identical to autograd), and plain
-    momentum SGD then updates it from the kept rows' gradients (:func:`momentum_step`).
+    (training-mode BatchNorm cannot normalize a single sample). Each step is
+    a :class:`LocalStep` (by hand for a chain model).
     """
     rng = generator(task.seed, "client_train", task.client_id, task.round_index)
     layers = [layer for _, layer in masked_layers(model)]
     thresholds = [layer.threshold for layer in layers]
     skip_singletons = has_batchnorm(model)
     model.train()
-    chain = chain_stages(model)  # the same gradients as autograd's, without its bookkeeping (spafl.nn.chain)
-    # kept rows' gradients only, where the update needs no full-size gradient (bit-identical, see momentum_step)
-    by_rows = chain is not None and grad_clip <= 0 and steps_by_rows(optimizer)
-    rows: RowGradients = {}
+    step = LocalStep(model, optimizer, grad_clip)
     total_loss = 0.0
     steps = 0
     n = data.num_train
@@ -240,22 +270,12 @@ def train_local(
         for inputs, labels in train_batches(data, order, batch_size, rng, skip_singletons):
             inputs = inputs.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            if chain is not None:
-                zero_grad(optimizer)
-                rows.clear()
-                loss = chain_gradients(chain, inputs, labels, rows if by_rows else None)
-            else:
-                loss = F.cross_entropy(model(inputs), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+            loss = step.gradients(inputs, labels)
             if penalty > 0 and thresholds and thresholds[0].requires_grad:
                 add_penalty_gradient(thresholds, penalty)
             if grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            if rows:
-                momentum_step(optimizer, rows)  # type: ignore[arg-type]
-            else:
-                optimizer.step()
+            step.update()
             if threshold_clip > 0:
                 with torch.no_grad():
                     for layer in layers:

@@ -71,9 +71,10 @@ def _pooled_blocks(x: torch.Tensor, kernel: tuple[int, int], padding) -> tuple[t
     The conv output at corner (a, b) of every pooling window, ``2i + a, 2j + b``,
     is then the product of these rows with a weight laid out the same way and
     shifted by (a, b): ``W[f, c, t - a, s - b]`` at row ``(c, t, s)``, zero
-    where that is no window element. No row per window element is ever copied out. Built in two copies
-    that move runs of N contiguous values: split the columns by parity (batch
-    last), then gather every (row offset, column offset) block once.
+    where that is no window element. No row per window element is ever
+    copied out. Built in two copies that move runs of N contiguous values:
+    split the columns by parity (batch last), then gather every (row offset,
+    column offset) block once.
     """
     kh, kw = kernel
     ph, pw = _pair(padding)
@@ -158,8 +159,8 @@ def unfolded_conv_relu_pool2x2(x: torch.Tensor, weight: torch.Tensor, padding) -
     """``max_pool2d(relu(conv2d(x, weight, padding=padding)), 2)`` (stride 1, dilation 1) for an ``x`` that needs no gradient.
 
     Values and the weight's gradient equal the composition up to float
-    summation order (the matrix products, see :func:`_pooled_blocks`); the pooling and its gradient are
-    those of :func:`relu_max_pool2x2`.
+    summation order (the matrix product, see :func:`_pooled_blocks`); the
+    pooling and its gradient are those of :func:`relu_max_pool2x2`.
     """
     return _ConvReluPool.apply(x.detach(), weight, padding)
 
