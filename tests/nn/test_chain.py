@@ -12,7 +12,7 @@ from spafl.algorithms import ClientData, ClientTask
 from spafl.algorithms.spafl import train_local
 from spafl.data import preprocess_for
 from spafl.models import build_model
-from spafl.nn import STE_NAMES, masked_layers
+from spafl.nn import STE_NAMES, kernels, masked_layers
 from spafl.nn.chain import chain_gradients, chain_stages
 from spafl.nn.compact import set_compact
 
@@ -52,11 +52,27 @@ def layer_state(model: torch.nn.Module) -> list[tuple[int, float]]:
     return [(layer.computed_units, float(layer.kept_fraction)) for _, layer in masked_layers(model)]
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    """The thread count, and how often NNPACK computed a conv (conv2's, on one thread and a batch of 2 or more)."""
+    calls = []
+    nnpack = kernels._nnpack
+    monkeypatch.setattr(kernels, "_nnpack", lambda *args: calls.append(1) or nnpack(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param, calls
+    torch.set_num_threads(before)
+
+
+def expected_nnpack(threads: int, batch: int) -> bool:
+    return threads == 1 and batch > 1 and torch.backends.nnpack.is_available()
+
+
 @pytest.mark.parametrize("pruning", ["mixed", "near", "all", "fc1_none"])
 @pytest.mark.parametrize("thresholds", ["train", "frozen"])
 @pytest.mark.parametrize("ste", STE_NAMES)
 @pytest.mark.parametrize("batch", [7, 1])
-def test_chain_gradients_are_autograds_bit_for_bit(ste, thresholds, pruning, batch):
+def test_chain_gradients_are_autograds_bit_for_bit(ste, thresholds, pruning, batch, threads):
     by_autograd = lenet(ste, pruning)
     by_hand = copy.deepcopy(by_autograd)
     for model in (by_autograd, by_hand):
@@ -82,6 +98,8 @@ def test_chain_gradients_are_autograds_bit_for_bit(ste, thresholds, pruning, bat
     assert (expected_grads["conv1.threshold"] is None) == (thresholds == "frozen")
     if pruning in ("mixed", "near"):  # kept units only, in every hidden layer
         assert [units for units, _ in layer_state(by_hand)][:3] == [10, 25, 250]
+    # forward and two gradients, by autograd and by hand
+    assert len(threads[1]) == (6 if expected_nnpack(threads[0], batch) else 0)
 
 
 def test_the_pruning_fixture_takes_each_path_of_the_logits_layer():
@@ -113,7 +131,7 @@ def test_chain_applies_only_to_compact_chains_with_trainable_weights():
         chain_stages(wrong)
 
 
-def test_train_local_by_hand_matches_autograd_over_two_epochs():
+def test_train_local_by_hand_matches_autograd_over_two_epochs(threads):
     """Gradients by hand and the momentum step from kept rows, against autograd and ``optimizer.step()``."""
     images = torch.randint(0, 256, (45, 1, 28, 28), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
     labels = torch.arange(45) % 10
@@ -135,3 +153,4 @@ def test_train_local_by_hand_matches_autograd_over_two_epochs():
     assert all(torch.equal(hand[name], auto[name]) for name in auto)
     assert all(torch.equal(a, b) for a, b in zip(hand_buffers, auto_buffers))
     assert not torch.equal(hand["fc1.threshold"], lenet("identity", "mixed").fc1.threshold)  # thresholds trained
+    assert bool(threads[1]) == expected_nnpack(threads[0], 16)

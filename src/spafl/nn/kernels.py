@@ -232,3 +232,111 @@ def relu_max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     slow on many small maps).
     """
     return _ReluMaxPool.apply(x)
+
+
+# -- convolutions by NNPACK's Fourier-transform kernels --------------------------------------------------------------
+#
+# PyTorch ships NNPACK but calls it only with oneDNN off. On one thread and a
+# training batch, NNPACK's FFT-based convolution takes 0.35-0.75 of oneDNN's
+# time for the inner convs of LeNet-5 and Conv4 (benchmarks/README.md), and
+# PyTorch's three NNPACK-less gradients can be written as NNPACK forwards:
+# the input's gradient is the output gradient correlated with the flipped,
+# transposed weight (padding k - 1 - p); the weight's gradient is the input,
+# batch and channels swapped, correlated with the output gradient, batch and
+# channels swapped, as kernel. Values are those of conv2d up to float
+# rounding (closer to the exact result than oneDNN's, in our measurements).
+
+#: Largest batch computed by NNPACK: from 512 samples its transforms outgrow the cache and oneDNN is faster.
+NNPACK_MAX_BATCH = 256
+#: Fewest input channels computed by NNPACK: over one to three image channels oneDNN is faster.
+NNPACK_MIN_CHANNELS = 4
+#: NNPACK's largest kernel height and width.
+_NNPACK_MAX_KERNEL = 16
+
+_nnpack_ready: bool | None = None
+
+
+def _nnpack_initialized() -> bool:
+    """Whether NNPACK runs on this machine (initialized on the first call)."""
+    global _nnpack_ready
+    if _nnpack_ready is None:
+        _nnpack_ready = bool(torch.backends.nnpack.is_available())
+    return _nnpack_ready
+
+
+def nnpack_conv_applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether :func:`conv2d` computes this conv with NNPACK: one thread, float32 on CPU, stride 1, no dilation or groups, a training-sized batch.
+
+    One thread only: PyTorch creates NNPACK's thread pool once, with the
+    threads set at its first call, and a pool of one thread starts no thread
+    that a forked worker would lack.
+    """
+    if isinstance(padding, str) or x.dim() != 4 or groups != 1 or _pair(stride) != (1, 1) or _pair(dilation) != (1, 1):
+        return False
+    kernel = weight.shape[2:]
+    return (
+        x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+        and 2 <= x.shape[0] <= NNPACK_MAX_BATCH and x.shape[1] >= NNPACK_MIN_CHANNELS
+        and max(kernel) <= _NNPACK_MAX_KERNEL and all(p < k for p, k in zip(_pair(padding), kernel))
+        and torch.get_num_threads() == 1 and _nnpack_initialized()
+    )
+
+
+def _nnpack(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    # NNPACK reads the weight's memory as contiguous
+    return torch._nnpack_spatial_convolution(x.contiguous(), weight.contiguous(), None, list(padding), [1, 1])
+
+
+def nnpack_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, padding) -> torch.Tensor:
+    """``conv2d(x, weight, padding=padding)`` by NNPACK, where :func:`nnpack_conv_applies`."""
+    return _nnpack(x, weight, _pair(padding))
+
+
+def nnpack_conv2d_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding, input_needs_grad: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The input's (if needed) and the weight's gradient of :func:`nnpack_conv2d_forward`, from ``grad`` at its output.
+
+    By NNPACK where that is faster: the input's gradient where the output is
+    at least the kernel's size (else the padded gradient is mostly zeros),
+    the weight's where the output fits NNPACK's kernel limit; by oneDNN otherwise.
+    """
+    padding = _pair(padding)
+    (kh, kw), (oh, ow) = weight.shape[2:], grad.shape[2:]
+    by_nnpack_input = input_needs_grad and oh >= kh and ow >= kw
+    by_nnpack_weight = max(oh, ow) <= _NNPACK_MAX_KERNEL
+    grad_x = grad_weight = None
+    if (input_needs_grad and not by_nnpack_input) or not by_nnpack_weight:
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1,
+            [input_needs_grad and not by_nnpack_input, not by_nnpack_weight, False],
+        )
+    if by_nnpack_input:
+        flipped = weight.flip(2, 3).transpose(0, 1)  # [C, K, kh, kw]
+        grad_x = _nnpack(grad, flipped, (kh - 1 - padding[0], kw - 1 - padding[1]))
+    if by_nnpack_weight:
+        grad_weight = _nnpack(x.transpose(0, 1), grad.transpose(0, 1), padding).transpose(0, 1).contiguous()
+    return grad_x, grad_weight
+
+
+class _NNPackConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, padding):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        return nnpack_conv2d_forward(x, weight, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_x, grad_weight = nnpack_conv2d_backward(grad, x, weight, ctx.padding, ctx.needs_input_grad[0])
+        return grad_x, grad_weight, None
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """``F.conv2d``, by NNPACK where :func:`nnpack_conv_applies` (values equal up to float rounding)."""
+    if not nnpack_conv_applies(x, weight, stride, padding, dilation, groups):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    out = _NNPackConv.apply(x, weight, _pair(padding))
+    return out if bias is None else out + bias.view(1, -1, 1, 1)

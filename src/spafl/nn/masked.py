@@ -30,7 +30,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from spafl.nn.compact import Sliced, full, relu_max_pool2d
-from spafl.nn.kernels import unfolded_conv2d, unfolded_conv_relu_pool2x2
+from spafl.nn.kernels import conv2d, unfolded_conv2d, unfolded_conv_relu_pool2x2
 from spafl.nn.ste import STE_NAMES, step, step_derivative
 
 #: A layer whose kept fraction falls to this or below gets its thresholds reset.
@@ -433,6 +433,8 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
             return unfolded_conv_relu_pool2x2(x, weight, self.padding)
         if unfolds:
             out = unfolded_conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        elif self.compact:
+            out = conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         else:
             out = self._conv_forward(x, weight, bias)
         return relu_max_pool2d(out, relu_pool, fused=self.compact) if relu_pool else out
