@@ -238,8 +238,8 @@ def relu_max_pool2x2(x: torch.Tensor) -> torch.Tensor:
 #
 # PyTorch ships NNPACK but calls it only with oneDNN off. On one thread and a
 # training batch, NNPACK's FFT-based convolution takes 0.35-0.75 of oneDNN's
-# time for the inner convs of LeNet-5 and Conv4 (benchmarks/README.md), and
-# PyTorch's three NNPACK-less gradients can be written as NNPACK forwards:
+# time for the inner convs of LeNet-5 and Conv4 (benchmarks/README.md).
+# PyTorch has no NNPACK gradients, but both are NNPACK forwards:
 # the input's gradient is the output gradient correlated with the flipped,
 # transposed weight (padding k - 1 - p); the weight's gradient is the input,
 # batch and channels swapped, correlated with the output gradient, batch and
