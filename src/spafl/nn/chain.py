@@ -35,11 +35,10 @@ import torch.nn.functional as F
 
 from spafl.nn.compact import Sliced, flatten
 from spafl.nn.kernels import (
+    conv2d_backward,
+    conv2d_forward,
     conv_relu_pool2x2_backward,
     conv_relu_pool2x2_forward,
-    nnpack_conv2d_backward,
-    nnpack_conv2d_forward,
-    nnpack_conv_applies,
     relu_max_pool2x2_backward,
     relu_max_pool2x2_forward,
 )
@@ -146,12 +145,8 @@ def _chain_gradients(stages, plans: list[CompactUnits], inputs: torch.Tensor, la
             step.fused = layer.unfolds(position > 0)
             if step.fused:
                 out, step.saved = conv_relu_pool2x2_forward(x, used, layer.padding)
-            else:  # the conv layer.forward runs: kernels.conv2d
-                step.nnpack = nnpack_conv_applies(x, used, layer.stride, layer.padding, layer.dilation, layer.groups)
-                if step.nnpack:
-                    conv = nnpack_conv2d_forward(x, used, layer.padding)
-                else:
-                    conv = F.conv2d(x, used, None, layer.stride, layer.padding, layer.dilation)
+            else:  # the conv layer.forward runs (kernels.conv2d)
+                conv, step.nnpack = conv2d_forward(x, used, layer.stride, layer.padding, layer.dilation, layer.groups)
                 out, step.saved = relu_max_pool2x2_forward(conv)
         elif stage == "relu":
             out = step.outputs = F.relu(F.linear(x, used))
@@ -183,13 +178,9 @@ def _backward(step: _Step, grad: torch.Tensor, input_needs_grad: bool, rows: Row
             grad_used = conv_relu_pool2x2_backward(step.saved, grad)
         else:
             grad_out = relu_max_pool2x2_backward(step.saved, grad)
-            if step.nnpack:
-                grad_x, grad_used = nnpack_conv2d_backward(grad_out, x, step.used, layer.padding, input_needs_grad)
-            else:
-                grad_x, grad_used, _ = torch.ops.aten.convolution_backward(
-                    grad_out, x, step.used, None, layer.stride, layer.padding, layer.dilation,
-                    False, [0, 0], layer.groups, [input_needs_grad, True, False],
-                )
+            grad_x, grad_used = conv2d_backward(
+                grad_out, x, step.used, layer.stride, layer.padding, layer.dilation, layer.groups, input_needs_grad, step.nnpack
+            )
     else:
         if step.stage == "relu":
             grad = torch.ops.aten.threshold_backward(grad, step.outputs, 0)

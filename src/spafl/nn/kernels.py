@@ -335,8 +335,31 @@ class _NNPackConv(torch.autograd.Function):
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """``F.conv2d``, by NNPACK where :func:`nnpack_conv_applies` (values equal up to float rounding)."""
+    """``F.conv2d``, by NNPACK where :func:`nnpack_conv_applies` (values equal up to float rounding).
+
+    Values and gradients are those of :func:`conv2d_forward` and :func:`conv2d_backward`.
+    """
     if not nnpack_conv_applies(x, weight, stride, padding, dilation, groups):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     out = _NNPackConv.apply(x, weight, _pair(padding))
     return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> tuple[torch.Tensor, bool]:
+    """:func:`conv2d`'s value without bias or autograd, and whether NNPACK computed it (for :func:`conv2d_backward`)."""
+    if nnpack_conv_applies(x, weight, stride, padding, dilation, groups):
+        return nnpack_conv2d_forward(x, weight, padding), True
+    return F.conv2d(x, weight, None, stride, padding, dilation, groups), False
+
+
+def conv2d_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
+    input_needs_grad: bool, by_nnpack: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The input's (if needed) and the weight's gradient of :func:`conv2d_forward`, as autograd computes them for :func:`conv2d`."""
+    if by_nnpack:
+        return nnpack_conv2d_backward(grad, x, weight, padding, input_needs_grad)
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [input_needs_grad, True, False]
+    )
+    return grad_x, grad_weight
