@@ -18,10 +18,10 @@ per forked process of a 1 GB parent). The parent is one of the
 shared counter as they do, and a child that has delivered its results
 exits while the parent goes on (it is reaped at the next batch). Each
 worker computes with one thread, so a run with ``workers=W`` gives exactly
-the results of a serial run with ``threads=1``, whatever W is. Work too small to pay for a fork (a single
-job; an evaluation of few test samples, such as the clients one round
-changed) runs in the parent alone, also with one thread. Children ignore
-Ctrl-C: the parent stops them.
+the results of a serial run with ``threads=1``, whatever W is. Work too
+small to pay for a fork (a single job; an evaluation of few test samples,
+such as the clients one round changed) runs in the parent alone, also with
+one thread. Children ignore Ctrl-C: the parent stops them.
 """
 
 from __future__ import annotations
