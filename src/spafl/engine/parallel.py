@@ -21,7 +21,11 @@ worker computes with one thread, so a run with ``workers=W`` gives exactly
 the results of a serial run with ``threads=1``, whatever W is. Work too
 small to pay for a fork (a single job; an evaluation of few test samples,
 such as the clients one round changed) runs in the parent alone, also with
-one thread. Children ignore Ctrl-C: the parent stops them.
+one thread. Children ignore Ctrl-C: the parent stops them. On Linux a
+child also dies with the parent, whatever ends it (SIGKILL included): it
+asks the kernel for SIGKILL when the thread that forked it (the parent's,
+in :meth:`ClientRunner._run`) exits, so no orphaned worker is left holding
+memory and the run's files.
 """
 
 from __future__ import annotations
@@ -67,7 +71,36 @@ def resolve_workers(requested: int, device: str, clients_per_round: int) -> int:
     return max(1, min(os.cpu_count() or 1, clients_per_round))
 
 
-def _start_worker() -> None:
+#: prctl(2) option: the signal a process gets when the thread that forked it exits (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """Linux: be killed (SIGKILL) when the thread that forked this process exits; a no-op elsewhere.
+
+    ``parent`` is the parent's pid, recorded before the fork: if the parent
+    already died between the fork and the prctl, no signal will come, so
+    this process exits at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
+def _start_worker(parent: int | None = None) -> None:
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # a handler inherited from the parent (a Python one runs only between bytecodes) must not keep a worker alive
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -108,7 +141,7 @@ def _take(counter, count: int) -> Iterator[int]:
 
 def _child(counter, results) -> None:
     """A forked worker: run the inherited jobs it takes, put ``(job, ok, result or error)`` on ``results``."""
-    _start_worker()
+    _start_worker(_inherited.get("parent"))
     function, jobs, order = _inherited["function"], _inherited["jobs"], _inherited["order"]
     for position in _take(counter, len(order)):
         job = order[position]
@@ -228,7 +261,9 @@ class ClientRunner:
         context = multiprocessing.get_context("fork")
         counter = context.Value("q", 0)
         results_queue = context.Queue()
-        _inherited.update(function=function, jobs=jobs, order=order)
+        # this thread (the main one in `spafl run`; never the _Receiver) forks the children, and a child is killed when
+        # it exits (see _die_with_parent): fine, as this returns only once every child has delivered all its results
+        _inherited.update(function=function, jobs=jobs, order=order, parent=os.getpid())
         children = []
         try:
             for _ in range(min(self.workers, len(jobs)) - 1):
@@ -251,7 +286,7 @@ class ClientRunner:
                 child.terminate()
             raise
         finally:
-            for name in ("function", "jobs", "order"):
+            for name in ("function", "jobs", "order", "parent"):
                 _inherited.pop(name, None)
             self._exiting.extend(children)  # they exit once their results are read, while this process goes on
         return results
