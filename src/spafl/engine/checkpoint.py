@@ -48,14 +48,22 @@ def remove_stale_temporaries(run_dir: Path) -> None:
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The latest checkpoint, or None when the run has not written one yet."""
+    """The latest checkpoint, or None when the run has not written one yet.
+
+    Run directories are shared, so the file is untrusted: it is read with
+    ``weights_only=True`` (tensors and plain values only), which refuses any
+    other object instead of running the code its unpickling would run.
+    """
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # any unpickling failure means the file is unusable
-        raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}); delete it to restart the run from round 0") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt, or holds something other than tensors and plain values
+        raise UserError(
+            f"checkpoint {path} is unreadable, corrupt or not a spafl checkpoint ({type(error).__name__}; only tensors "
+            f"and plain values are loaded); delete it to restart the run from round 0"
+        ) from None
     if not isinstance(state, dict) or state.get("format") not in READABLE or "round" not in state:
         raise UserError(f"checkpoint {path} is not a spafl checkpoint of format {' or '.join(map(str, READABLE))}")
     return state

@@ -143,7 +143,18 @@ class DiskStore(ClientStore):
         version = self.index.get(client_id)
         if version is None:
             return self.init(client_id)
-        return torch.load(self.path(client_id, version), map_location="cpu", weights_only=False)
+        path = self.path(client_id, version)
+        try:  # untrusted like the checkpoint: tensors and plain values only, never code
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            state = error
+        if not isinstance(state, dict):
+            reason = type(state).__name__
+            raise UserError(
+                f"client state {path} is unreadable, corrupt or not a spafl client state ({reason}; only tensors and plain "
+                f"values are loaded); delete the run's checkpoint.pt to restart the run from round 0"
+            )
+        return state
 
     def put(self, client_id, state, version):
         self.directory.mkdir(parents=True, exist_ok=True)
