@@ -55,7 +55,7 @@ import torch
 
 from spafl.config import build_config, parse_assignment
 from spafl.engine import checkpoint as ckpt
-from spafl.engine.federation import build_federation
+from spafl.runtime.federation import build_federation
 from spafl.engine.simulator import Simulator
 from spafl.errors import UserError
 
@@ -85,7 +85,7 @@ SPREAD_WARNING = 0.3
 def time_round(simulator: Simulator, state: dict, round_index: int) -> tuple[float, dict]:
     began = time.perf_counter()
     simulator.run_round(state, round_index)
-    evaluation = simulator.evaluate(state)
+    evaluation = simulator.evaluate_state(state)
     return time.perf_counter() - began, evaluation
 
 
@@ -96,7 +96,7 @@ def compare(simulators: dict[str, Simulator], make_state, repeats: int) -> dict:
     for _ in range(repeats):
         for path in PATHS:
             state = make_state(simulators[path])
-            simulators[path].evaluate(state)  # untimed: the evaluation a run did at the end of the previous round
+            simulators[path].evaluate_state(state)  # untimed: the evaluation a run did at the end of the previous round
             round_index = state["round"]
             elapsed, evaluations[path] = time_round(simulators[path], state, round_index)
             seconds[path].append(elapsed)
@@ -129,7 +129,7 @@ def warn_if_disturbed(label: str, spread: dict[str, float]) -> None:
 
 
 def start_density(simulator: Simulator, state: dict) -> tuple[float, float]:
-    evaluation = simulator.evaluate(state)
+    evaluation = simulator.evaluate_state(state)
     return round(evaluation["density"], 4), round(evaluation["density_weighted"], 4)
 
 

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from spafl.algorithms.spafl import LocalStep
+from spafl.nn.local_step import LocalStep
 from spafl.models import build_model
 from spafl.nn import layer_densities, masked_layers
 from spafl.nn.compact import set_compact
@@ -72,7 +72,7 @@ def make(name: str, density: float, compact: bool, seed: int = 0):
 
 def train_steps(model, optimizer, x, y, steps: int) -> float:
     model.train()
-    step = LocalStep(model, optimizer)  # as spafl.algorithms.spafl.train_local takes a step
+    step = LocalStep(model, optimizer)  # as spafl.algorithms.local_sgd.train_local takes a step
     began = time.perf_counter()
     for _ in range(steps):
         step.gradients(x, y)

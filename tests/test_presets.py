@@ -9,7 +9,7 @@ from spafl.config import build_config
 from spafl.data import Dataset, load_dataset
 from spafl.data.synthetic import write_fake_cifar
 from spafl.engine import Simulator
-from spafl.engine.federation import build_federation
+from spafl.runtime.federation import build_federation
 from spafl.errors import UserError
 
 

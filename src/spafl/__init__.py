@@ -12,8 +12,9 @@ check that the app's components exist (``importlib.util.find_spec``).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spafl.registry import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -36,14 +37,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names are resol
     from spafl.nn import MaskedConv2d, MaskedLinear, model_density, sparsify
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spafl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes("spafl", _LAZY, globals(), __all__)

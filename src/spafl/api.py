@@ -23,8 +23,9 @@ from torch import nn
 from spafl.algorithms.base import ModelSpec
 from spafl.config import build_config
 from spafl.data import Dataset
-from spafl.engine import Simulator, build_federation
-from spafl.engine.rundir import CONFIG, write_json_atomic
+from spafl.engine import Simulator
+from spafl.runtime.federation import build_federation
+from spafl.runtime.record import CONFIG, write_json_atomic
 from spafl.nn import masked_layers
 
 

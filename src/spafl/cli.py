@@ -30,7 +30,7 @@ def _overrides(assignments: list[str] | None, data_dir: str | None) -> dict[str,
 def cmd_run(args: argparse.Namespace) -> int:
     from spafl.config import build_config, config_from_dict
     from spafl.engine import Simulator
-    from spafl.engine.rundir import CONFIG, read_run_config, write_run_config
+    from spafl.runtime.record import claim_run_dir, read_run_config, write_run_config
     from spafl.report import format_summary
 
     if args.resume:
@@ -42,14 +42,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.out is None:
             raise UserError("spafl run needs --out DIR (or --resume DIR to continue a run)")
         run_dir = Path(args.out)
-        if (run_dir / CONFIG).exists():
-            raise UserError(f"{run_dir} already holds a run; continue it with `spafl run --resume {run_dir}` or pick another --out")
-        if run_dir.exists() and not run_dir.is_dir():
-            raise UserError(f"--out {run_dir} exists and is not a directory")
+        claim_run_dir(run_dir, f"continue it with `spafl run --resume {run_dir}` or pick another --out")
         config = build_config(args.preset, args.config, _overrides(args.set, args.data_dir))
     simulator = Simulator(config, run_dir, progress=not args.quiet)
     if not args.resume:
-        write_run_config(run_dir, config, args.preset, simulator)
+        write_run_config(run_dir, config, args.preset, simulator.provenance())
     try:
         summary = simulator.run(resume=bool(args.resume))
     except KeyboardInterrupt:
@@ -179,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--quiet", action="store_true", help="no progress display")
     cmp_.set_defaults(handler=cmd_compare)
 
-    keys = commands.add_parser("keys", help="list every config key, its default and allowed values")
+    keys = commands.add_parser("keys", help="list every config key by owner, with its default and allowed values")
     keys.add_argument("--method", help="only the keys this method reads")
     keys.set_defaults(handler=cmd_keys)
 

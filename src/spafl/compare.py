@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spafl.config import FIELDS, METHODS, Config, build_config, coerce, config_from_dict
-from spafl.engine.rundir import CONFIG, METRICS, SUMMARY, read_metrics, read_run_config, write_run_config
+from spafl.algorithms import ALGORITHMS
+from spafl.config import FIELDS, Config, build_config, coerce, config_from_dict
+from spafl.runtime.record import CONFIG, METRICS, SUMMARY, read_metrics, read_run_config, write_run_config
 from spafl.errors import UserError
 
 TABLE_HEADER = [
@@ -43,8 +44,8 @@ class MethodSpec:
 
 def parse_method(text: str) -> MethodSpec:
     name, *assignments = text.strip().split(":")
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r} in --methods; methods: {', '.join(METHODS)}")
+    if name not in ALGORITHMS:
+        raise UserError(f"unknown method {name!r} in --methods; methods: {', '.join(ALGORITHMS)}")
     overrides = []
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
@@ -53,8 +54,6 @@ def parse_method(text: str) -> MethodSpec:
         if key in ("method", "seed"):
             raise UserError(f"method {text!r}: {key} cannot be overridden per method")
         overrides.append((key, coerce(key, value)))  # unknown keys and bad values fail here
-        from spafl.algorithms import ALGORITHMS
-
         if key not in ALGORITHMS[name].keys():
             raise UserError(f"method {text!r}: {name} does not use {key}; `spafl keys --method {name}` lists its keys")
     return MethodSpec(label=text.strip(), method=name, overrides=tuple(overrides))
@@ -103,7 +102,7 @@ def run_all(
 ) -> dict[str, dict[int, Path]]:
     """Run (or resume, or skip) every method for every seed; returns method label -> seed -> run dir."""
     from spafl.engine import Simulator
-    from spafl.engine.federation import build_federation
+    from spafl.runtime.federation import build_federation
 
     overrides = dict(overrides or {})
     base = build_config(preset, config_file, overrides)
@@ -134,7 +133,7 @@ def run_all(
             federation = build_federation(config, datasets[key])
             simulator = Simulator(config, run_dir, federation=federation, progress=progress)
             if not resume:
-                write_run_config(run_dir, config, preset, simulator)
+                write_run_config(run_dir, config, preset, simulator.provenance())
             log(f"{spec.label} seed {seed}: {'resuming' if resume else 'running'} into {run_dir}")
             simulator.run(resume=resume)
     return runs

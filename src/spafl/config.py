@@ -3,6 +3,13 @@
 Every key is a flat field of :class:`Config`. Values come from a preset,
 then an optional TOML file, then ``--set key=value`` overrides, and are
 validated once here; every error names the key and what is allowed.
+
+Every key has one owner, declared at its field: ``common``, ``data`` or
+``engine`` (read whatever the method, :data:`SHARED_OWNERS`) or the one
+method that alone reads it; an algorithm's keys (``Algorithm.keys()``) are
+derived from the owners. The names a method, dataset or model may take come
+from their registries (:data:`spafl.algorithms.ALGORITHMS`,
+:data:`spafl.data.registry.DATASETS`, :data:`spafl.models.MODELS`).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,112 +30,181 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 
-def _choice(default: str, choices: tuple[str, ...], doc: str) -> Any:
-    return field(default=default, metadata={"choices": choices, "doc": doc})
+#: Owners every algorithm's keys include; every other owner is a method name (a key of
+#: :data:`spafl.algorithms.ALGORITHMS`) whose algorithm alone reads the keys it owns.
+SHARED_OWNERS: tuple[str, ...] = ("common", "data", "engine")
+
+#: What each shared owner's keys are about (the headers of `spafl keys`).
+OWNER_DOCS: dict[str, str] = {
+    "common": "every method: what to run, the federation, local training",
+    "data": "every method: the dataset, its split over clients, its preprocessing",
+    "engine": "every method: how a run is executed, evaluated and recorded",
+}
 
 
-def _num(default: float | int, doc: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> Any:
-    return field(default=default, metadata={"low": low, "high": high, "low_open": low_open, "doc": doc})
+def _field(owner: str, doc: str, **metadata: Any) -> dict[str, Any]:
+    return {"owner": owner, "doc": doc, **metadata}
 
 
-def _flag(default: bool, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
+def _choice(default: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]], doc: str, *, owner: str) -> Any:
+    """A string out of ``choices``: a tuple, or a function returning the names of a registry (looked up when needed)."""
+    return field(default=default, metadata=_field(owner, doc, choices=choices))
 
 
-def _text(default: str, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
+def _num(
+    default: float | int, doc: str, low: float | None = None, high: float | None = None, low_open: bool = False, *, owner: str,
+) -> Any:
+    return field(default=default, metadata=_field(owner, doc, low=low, high=high, low_open=low_open))
 
 
-def _int_list(doc: str) -> Any:
-    return field(default_factory=tuple, metadata={"doc": doc, "list": True})
+def _flag(default: bool, doc: str, *, owner: str) -> Any:
+    return field(default=default, metadata=_field(owner, doc))
 
 
-METHODS = ("spafl", "fedavg", "local")
-DATASETS = ("fmnist", "cifar10", "cifar100", "synthetic")
-MODEL_NAMES = ("lenet5", "conv4", "resnet18", "vit")
+def _text(default: str, doc: str, *, owner: str) -> Any:
+    return field(default=default, metadata=_field(owner, doc))
+
+
+def _int_list(doc: str, *, owner: str) -> Any:
+    return field(default_factory=tuple, metadata=_field(owner, doc, list=True))
+
+
+# The choices of method, dataset and model are the names of their registries. Those are imported
+# when first needed (they import no torch, but config is imported by the modules they load).
+def _method_names() -> tuple[str, ...]:
+    from spafl.algorithms import ALGORITHMS
+
+    return tuple(ALGORITHMS)
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from spafl.data.registry import DATASETS
+
+    return tuple(DATASETS)
+
+
+def _model_names() -> tuple[str, ...]:
+    from spafl.models import MODELS
+
+    return tuple(MODELS)
 
 
 @dataclass
 class Config:
-    """All settings of one run. Defaults reproduce the FMNIST reference (SPEC §8)."""
+    """All settings of one run. Defaults reproduce the FMNIST reference (SPEC §8).
 
-    # what to run
-    method: str = _choice("spafl", METHODS, "federated algorithm")
-    dataset: str = _choice("fmnist", DATASETS, "dataset")
-    model: str = _choice("lenet5", MODEL_NAMES, "model architecture")
-    # federation
-    rounds: int = _num(500, "communication rounds", 1)
-    num_clients: int = _num(100, "clients N", 1)
-    clients_per_round: int = _num(10, "clients sampled per round |S_t| (<= num_clients)", 1)
-    partition: str = _choice("dirichlet", ("dirichlet", "iid"), "how data is split over clients")
-    alpha: float = _num(0.2, "Dirichlet concentration", 0, low_open=True)
-    min_client_samples: int = _num(0, "re-draw the Dirichlet split until every client has this many training samples", 0)
-    # local training
-    local_epochs: int = _num(5, "local epochs E", 1)
-    batch_size: int = _num(64, "local minibatch size", 1)
-    lr: float = _num(0.001, "SGD learning rate at round 0", 0, low_open=True)
-    lr_decay: float = _num(1.0, "lr at round t is max(lr * lr_decay**t, lr_min)", 0, 1, low_open=True)
-    lr_min: float = _num(0.0, "lower bound of the decayed lr", 0)
-    momentum: float = _num(0.9, "SGD momentum", 0, 1)
-    weight_decay: float = _num(0.0, "SGD weight decay", 0)
-    grad_clip: float = _num(0.0, "global gradient-norm clip (0 = off)", 0)
+    Every field names its ``owner`` in its metadata: ``common``, ``data`` or
+    ``engine`` (read whatever the method; :data:`SHARED_OWNERS`), or the one
+    method whose algorithm alone reads it. ``Algorithm.keys()`` is derived from
+    the owners (:func:`keys_of`).
+    """
+
+    # -- common: what to run, the federation, local training (every method) ----------------
+    method: str = _choice("spafl", _method_names, "federated algorithm", owner="common")
+    model: str = _choice("lenet5", _model_names, "model architecture", owner="common")
+    rounds: int = _num(500, "communication rounds", 1, owner="common")
+    num_clients: int = _num(100, "clients N", 1, owner="common")
+    clients_per_round: int = _num(10, "clients sampled per round |S_t| (<= num_clients)", 1, owner="common")
+    local_epochs: int = _num(5, "local epochs E", 1, owner="common")
+    batch_size: int = _num(64, "local minibatch size", 1, owner="common")
+    lr: float = _num(0.001, "SGD learning rate at round 0", 0, low_open=True, owner="common")
+    lr_decay: float = _num(1.0, "lr at round t is max(lr * lr_decay**t, lr_min)", 0, 1, low_open=True, owner="common")
+    lr_min: float = _num(0.0, "lower bound of the decayed lr", 0, owner="common")
+    momentum: float = _num(0.9, "SGD momentum", 0, 1, owner="common")
+    weight_decay: float = _num(0.0, "SGD weight decay", 0, owner="common")
+    grad_clip: float = _num(0.0, "global gradient-norm clip (0 = off)", 0, owner="common")
+    # read by the methods whose clients keep state (spafl, local); fedavg's clients are stateless
     optimizer_scope: str = _choice(
         "persistent", ("persistent", "per_round"),
         "persistent: one SGD per client for the whole run (FMNIST ref.); per_round: fresh SGD each round (CIFAR ref.)",
+        owner="common",
     )
-    # SpaFL
-    th_coeff: float = _num(0.002, "threshold regularizer coefficient c in c*sum(exp(-tau))", 0)
-    th_coeff_warmup: float = _num(
-        1.0, "penalty_scheduler of the FMNIST ref.: c(t) = c / (1 + exp(5 - 10 t / value)); 0 = constant c", 0
+    seed: int = _num(0, "seed of the initial model, partition, sampling and client randomness", 0, owner="common")
+    # -- data: the dataset, its split over clients, its preprocessing (every method) ----------
+    dataset: str = _choice("fmnist", _dataset_names, "dataset", owner="data")
+    partition: str = _choice("dirichlet", ("dirichlet", "iid"), "how data is split over clients", owner="data")
+    alpha: float = _num(0.2, "Dirichlet concentration", 0, low_open=True, owner="data")
+    min_client_samples: int = _num(
+        0, "re-draw the Dirichlet split until every client has this many training samples", 0, owner="data",
     )
-    ste: str = _choice("identity", ("identity", "outside_unit", "long_tailed"), "straight-through estimator of step")
-    threshold_schedule: str = _choice(
-        "every_step", ("every_step", "last_epoch"),
-        "every_step: thresholds and weights trained jointly (reference code); last_epoch: thresholds only in the last local epoch, "
-        "earlier epochs train the kept units' weights under a fixed mask (paper)",
+    pixels: str = _choice(
+        "raw", ("raw", "normalized"), "raw: float 0..255 (FMNIST ref.); normalized: [0,1] then per-channel standardization",
+        owner="data",
     )
-    importance_update: str = _choice(
-        "before_training", ("before_training", "all_after_aggregation", "off"),
-        "when Delta tau_g is fed back into weights (FMNIST ref.: before_training; CIFAR ref.: all_after_aggregation)",
+    augment: bool = _flag(False, "pad-4 random crop + horizontal flip during training (CIFAR)", owner="data")
+    data_dir: str = _text(
+        "", "directory with the dataset files (empty: search $SPAFL_DATA, ~/.cache/spafl, system dirs, then download)",
+        owner="data",
     )
-    importance_sign: str = _choice("row_sum", ("row_sum", "per_weight"), "sign used by the importance update")
-    importance_delta: str = _choice(
-        "server_sends", ("server_sends", "since_last_seen"),
-        "server_sends: Delta tau_g travels in the down message; since_last_seen: client uses tau_g(t) - tau_g(last seen)",
+    # -- engine: how a run is executed, evaluated and recorded (every method) -----------------
+    eval_every: int = _num(
+        1, "evaluate the clients (all, or the eval_clients subset) every this many rounds (and always at the last round)", 1,
+        owner="engine",
     )
-    aggregation_weighting: str = _choice("uniform", ("uniform", "samples"), "threshold averaging weights")
-    frozen_weights: bool = _flag(False, "train thresholds only; weights stay at their initial values")
-    collapse_guard: bool = _flag(True, "reset a layer's thresholds when its kept fraction falls to <= 1%")
-    threshold_clip: float = _num(0.0, "clip thresholds to [-v, v] after each step (0 = off; the reference never clips)", 0)
-    # data
-    pixels: str = _choice("raw", ("raw", "normalized"), "raw: float 0..255 (FMNIST ref.); normalized: [0,1] then per-channel standardization")
-    augment: bool = _flag(False, "pad-4 random crop + horizontal flip during training (CIFAR)")
-    data_dir: str = _text("", "directory with the dataset files (empty: search $SPAFL_DATA, ~/.cache/spafl, system dirs, then download)")
-    # run
-    seed: int = _num(0, "seed of the initial model, partition, sampling and client randomness", 0)
-    eval_every: int = _num(1, "evaluate the clients (all, or the eval_clients subset) every this many rounds (and always at the last round)", 1)
-    eval_batch_size: int = _num(1000, "batch size for evaluation", 1)
-    checkpoint_every: int = _num(10, "write a checkpoint every this many rounds (and at the last round)", 1)
-    device: str = _choice("cpu", ("cpu", "cuda"), "where to compute")
-    threads: int = _num(0, "torch CPU threads of the main process, and of each client's computation when workers=1 (0 = number of cores)", 0)
+    eval_batch_size: int = _num(1000, "batch size for evaluation", 1, owner="engine")
+    checkpoint_every: int = _num(10, "write a checkpoint every this many rounds (and at the last round)", 1, owner="engine")
+    device: str = _choice("cpu", ("cpu", "cuda"), "where to compute", owner="engine")
+    threads: int = _num(
+        0, "torch CPU threads of the main process, and of each client's computation when workers=1 (0 = number of cores)", 0,
+        owner="engine",
+    )
     workers: int = _num(
         0, "processes that run a round's clients side by side, one thread each; results equal workers=1 with threads=1 "
         "(0 = one per core on a multi-core Linux CPU, at most clients_per_round; 1 = all in the main process)", 0,
+        owner="engine",
     )
-    record_masks: tuple = _int_list("rounds at which to record every client's kept-unit masks (comma-separated)")
+    record_masks: tuple = _int_list("rounds at which to record every client's kept-unit masks (comma-separated)", owner="engine")
     execution: str = _choice(
         "fast", ("fast", "reference"),
         "fast: contiguous client tensors, compact (kept-units-only) compute where exact, and no re-evaluation of a client "
         "whose state has not changed since its last evaluation; reference: a per-sample dataset behind a DataLoader, "
         "dense layers times the 0/1 mask and every client evaluated anew, as the reference code",
+        owner="engine",
     )
     client_store: str = _choice(
         "auto", ("auto", "memory", "disk"),
         "where per-client state lives: memory, disk (run_dir/clients, loaded only for sampled/evaluated clients), "
         "auto: disk when all clients' states would not fit in 1 GiB",
+        owner="engine",
     )
     eval_clients: int = _num(
-        0, "evaluate this many clients (a fixed seeded subset, the same every round); 0 = all clients", 0,
+        0, "evaluate this many clients (a fixed seeded subset, the same every round); 0 = all clients", 0, owner="engine",
+    )
+    # -- spafl: SpaFL's own keys --------------------------------------------------------------
+    th_coeff: float = _num(0.002, "threshold regularizer coefficient c in c*sum(exp(-tau))", 0, owner="spafl")
+    th_coeff_warmup: float = _num(
+        1.0, "penalty_scheduler of the FMNIST ref.: c(t) = c / (1 + exp(5 - 10 t / value)); 0 = constant c", 0,
+        owner="spafl",
+    )
+    ste: str = _choice(
+        "identity", ("identity", "outside_unit", "long_tailed"), "straight-through estimator of step", owner="spafl",
+    )
+    threshold_schedule: str = _choice(
+        "every_step", ("every_step", "last_epoch"),
+        "every_step: thresholds and weights trained jointly (reference code); last_epoch: thresholds only in the last local epoch, "
+        "earlier epochs train the kept units' weights under a fixed mask (paper)",
+        owner="spafl",
+    )
+    importance_update: str = _choice(
+        "before_training", ("before_training", "all_after_aggregation", "off"),
+        "when Delta tau_g is fed back into weights (FMNIST ref.: before_training; CIFAR ref.: all_after_aggregation)",
+        owner="spafl",
+    )
+    importance_sign: str = _choice(
+        "row_sum", ("row_sum", "per_weight"), "sign used by the importance update", owner="spafl",
+    )
+    importance_delta: str = _choice(
+        "server_sends", ("server_sends", "since_last_seen"),
+        "server_sends: Delta tau_g travels in the down message; since_last_seen: client uses tau_g(t) - tau_g(last seen)",
+        owner="spafl",
+    )
+    aggregation_weighting: str = _choice(
+        "uniform", ("uniform", "samples"), "threshold averaging weights", owner="spafl",
+    )
+    frozen_weights: bool = _flag(False, "train thresholds only; weights stay at their initial values", owner="spafl")
+    collapse_guard: bool = _flag(True, "reset a layer's thresholds when its kept fraction falls to <= 1%", owner="spafl")
+    threshold_clip: float = _num(
+        0.0, "clip thresholds to [-v, v] after each step (0 = off; the reference never clips)", 0, owner="spafl",
     )
 
     def replace(self, **changes: Any) -> Config:
@@ -140,6 +217,34 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def owner_of(key: str) -> str:
+    """The owner of config key ``key`` (see :class:`Config`)."""
+    if key not in FIELDS:
+        raise _unknown_key(key, "")
+    return FIELDS[key].metadata["owner"]
+
+
+def owners() -> tuple[str, ...]:
+    """Every owner a key may have: the shared owners, then the method names."""
+    return SHARED_OWNERS + _method_names()
+
+
+def keys_of(*owner_names: str) -> frozenset[str]:
+    """The config keys owned by any of ``owner_names`` (each a shared owner or a method name)."""
+    known = owners()
+    for owner in owner_names:
+        if owner not in known:
+            raise ValueError(f"unknown config key owner {owner!r}; owners: {', '.join(known)}")
+    return frozenset(name for name, spec in FIELDS.items() if spec.metadata["owner"] in owner_names)
+
+
+def choices_of(key: str) -> tuple[str, ...] | None:
+    """The allowed values of key ``key`` (None: it is not a choice)."""
+    choices = FIELDS[key].metadata.get("choices")
+    return choices() if callable(choices) else choices
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # SPEC §8, FMNIST column: the defaults of Config.
@@ -234,7 +339,7 @@ def validate(config: Config) -> Config:
     """Check every value against its allowed choices/range and cross-key rules."""
     for name, spec in FIELDS.items():
         value = getattr(config, name)
-        choices = spec.metadata.get("choices")
+        choices = choices_of(name)
         if choices and value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
         low, high = spec.metadata.get("low"), spec.metadata.get("high")
@@ -313,13 +418,18 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def describe_keys(only: frozenset[str] | None = None) -> str:
-    """Human-readable list of every key (or those in ``only``) with its default and allowed values."""
-    lines = []
+    """Human-readable list of every key (or those in ``only``) with its default and allowed values, grouped by owner."""
+    defaults = Config()
+    groups: dict[str, list[str]] = {}
     for name, spec in FIELDS.items():
         if only is not None and name not in only:
             continue
-        default = getattr(Config(), name)
-        allowed = spec.metadata.get("choices")
+        default = getattr(defaults, name)
+        allowed = choices_of(name)
         extra = f" [{' | '.join(allowed)}]" if allowed else ""
-        lines.append(f"{name} = {default!r}{extra}\n    {spec.metadata.get('doc', '')}")
-    return "\n".join(lines)
+        groups.setdefault(spec.metadata["owner"], []).append(f"{name} = {default!r}{extra}\n    {spec.metadata.get('doc', '')}")
+    blocks = []
+    for owner, lines in groups.items():
+        about = OWNER_DOCS.get(owner, f"only the {owner} method reads these")
+        blocks.append("\n".join([f"[{owner}] {about}", *lines]))
+    return "\n\n".join(blocks)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spafl.engine.rundir import METRICS, read_metrics
-from spafl.engine.simulator import summarize_run
+from spafl.runtime.record import METRICS, read_metrics
+from spafl.runtime.record import summarize_run
 from spafl.errors import UserError
 from spafl.metrics import GIGA
 

@@ -9,7 +9,7 @@ from torch import nn
 from spafl.algorithms import ALGORITHMS, ClientTask, FedAvg, ModelSpec, Reply
 from spafl.config import build_config
 from spafl.engine import Simulator
-from spafl.engine.federation import build_federation
+from spafl.runtime.federation import build_federation
 from spafl.metrics import message_bits
 from spafl.nn import MaskedLinear, masked_layers
 from tests.helpers import small_config

@@ -7,7 +7,7 @@ import torch
 from spafl.algorithms import ALGORITHMS, ClientTask, Local, Reply
 from spafl.config import build_config
 from spafl.engine import Simulator
-from spafl.engine.federation import build_federation
+from spafl.runtime.federation import build_federation
 from spafl.metrics import message_bits
 from spafl.nn import masked_layers
 from tests.helpers import small_config

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from spafl.engine import parallel
-from spafl.engine.federation import build_federation
-from spafl.engine.rundir import METRICS, read_metrics
+from spafl.runtime.federation import build_federation
+from spafl.runtime.record import METRICS, read_metrics
 from spafl.engine.simulator import Simulator
 from spafl.seeding import sample_clients
 from tests.helpers import small_config

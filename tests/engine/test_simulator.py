@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spafl.engine import Simulator
-from spafl.engine.federation import build_federation
+from spafl.runtime.federation import build_federation
 from spafl.seeding import sample_clients
 
 from tests.helpers import small_config

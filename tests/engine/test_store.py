@@ -7,7 +7,7 @@ import torch
 
 from spafl.engine import Simulator
 from spafl.engine.checkpoint import load_checkpoint
-from spafl.engine.federation import build_federation
+from spafl.runtime.federation import build_federation
 from spafl.engine.simulator import evaluation_clients
 from spafl.engine.store import Clients, DiskStore, MemoryStore, choose_store
 from spafl.errors import UserError
@@ -291,15 +291,3 @@ def test_untrained_clients_never_reach_the_disk(tmp_path, synthetic):
     assert set(index) == trained and len(trained) <= 4
     assert names(tmp_path / "many" / "clients") == sorted(f"c{k:06d}-r{v:06d}.pt" for k, v in index.items())
     assert rows[-1]["clients_evaluated"] == sum(1 for d in simulator.federation.clients if d.num_test > 0)
-
-
-def test_a_format_1_checkpoint_with_every_client_is_still_read(tmp_path, synthetic):
-    simulator = simulate(tmp_path, synthetic, "old")
-    simulator.run()
-    saved = load_checkpoint(tmp_path / "old")
-    states = client_states(simulator)
-    old = {**saved, "format": 1, "clients": states}
-    restored = simulator.restore_state(old)
-    assert restored["clients"].materialized == 4
-    for client_id, state in enumerate(states):
-        assert_same(restored["clients"].load(client_id), state)

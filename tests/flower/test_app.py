@@ -34,15 +34,11 @@ from flwr.serverapp import Grid
 from spafl.algorithms import SpaFL
 from spafl.engine import Simulator
 from spafl.engine.checkpoint import load_checkpoint
-from spafl.engine.rundir import read_metrics
+from spafl.runtime.record import read_metrics
 from spafl.flower import records as rec
 from spafl.flower.client_app import make_client_app, state_path
-from spafl.flower.strategy import (
-    SERVER_STATE_FILE,
-    SpaFLStrategy,
-    collect_replies,
-    server_spec,
-)
+from spafl.flower.strategy import SERVER_STATE_FILE, SpaFLStrategy, read_replies, server_spec
+from spafl.errors import UserError
 from spafl.metrics import ClientEval, message_bits
 from spafl.seeding import sample_clients
 
@@ -168,27 +164,27 @@ def test_malformed_replies_are_rejected_and_the_valid_ones_aggregated():
         _reply(99, 7, good),  # nobody asked node 99
         garbled,
     ]
-    collected = collect_replies(algorithm, server, replies, partitions, round_number=1)
-    assert [r.client_id for r in collected.replies] == [0]
-    reasons = dict(collected.rejected)
-    assert set(reasons) == {1, 2, 3, 4, 6, None}
-    assert "non-finite" in reasons[1] and "shape" in reasons[2] and "dtype" in reasons[3] and "partition" in reasons[4]
-    assert "metrics" in reasons[6]
-    assert [p for p, _ in collected.failed] == [5]
-    assert collected.losses == [1.5] and collected.flops == 10.0
-    # Every reply that carried arrays travelled: nan, good (x4: nodes 11, 15, 99, 17), wrong shape, wrong dtype.
-    assert collected.bits_up == 5 * message_bits(good) + message_bits(wrong_shape) + message_bits(wrong_dtype)
+    read = read_replies(replies, partitions, round_number=1)
+    assert sorted(got.client_id for got in read.exchange.received) == [0, 1, 2, 3]  # readable and attributed: the round validates them
+    assert [p for p, _ in read.failed] == [5]
+    early = dict(read.exchange.rejected)
+    assert set(early) == {4, 6, None} and "partition" in early[4] and "metrics" in early[6]
 
-    # The round goes on with the valid reply: tau_g becomes its thresholds.
+    # The round validates the rest (names, shapes, dtypes, finiteness) and aggregates the valid reply: tau_g becomes its thresholds.
     strategy = SpaFLStrategy(config, out_dir="unused")
-    strategy.partition_of = {11: 0, 12: 1, 13: 2, 14: 3}
+    strategy.transport.partition_of = {11: 0, 12: 1, 13: 2, 14: 3}
     strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)
-    strategy._round.sent = dict(partitions)
+    strategy._sent = dict(partitions)
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert (metrics["replies"], metrics["rejected"], metrics["missing"]) == (1, 6, 1)  # node 16 answered with an error
+    assert metrics["flops"] == 10.0
+    # Every reply that carried arrays travelled: nan, good (x4: nodes 11, 15, 99, 17), wrong shape, wrong dtype.
+    assert metrics["bits_up"] == 5 * message_bits(good) + message_bits(wrong_shape) + message_bits(wrong_dtype)
     for name, tensor in strategy.server["thresholds"].items():
         assert torch.equal(tensor, good[f"thresholds/{name}"])
     assert torch.equal(rec.from_array_record(arrays)["thresholds/conv1"], good["thresholds/conv1"])
+    reasons = [why for _, why in strategy.loop.accept(strategy.state, read.exchange, 0).rejected]
+    assert any("non-finite" in why for why in reasons) and any("shape" in why for why in reasons) and any("dtype" in why for why in reasons)
 
 
 # -- conversions -------------------------------------------------------------------------------
@@ -209,8 +205,15 @@ def test_named_tensors_survive_an_array_record_exactly():
         for name, tensor in message.items():
             assert back[name].dtype == tensor.dtype and back[name].shape == tensor.shape
             assert torch.equal(back[name], tensor)
-        assert rec.record_bits(record) == message_bits(message) == message_bits(back)
+        assert rec.record_payload_bits(record) == message_bits(message) == message_bits(back)
     assert message_bits(messages[0]) == 2 * 580 * 32
+    # a bool tensor travels as a bitmask: 1 bit per element counted, its bits packed on the wire
+    mask = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.3
+    record = rec.to_array_record({"mask": mask})
+    assert message_bits({"mask": mask}) == rec.record_payload_bits(record) == 1000
+    assert len(record["mask"].data) == 125 and torch.equal(rec.from_array_record(record)["mask"], mask)
+    dense = rec.to_array_record({"mask": mask.float()})
+    assert 125 < rec.wire_bytes(record) < 125 + 400 and 4000 < rec.wire_bytes(dense) < 4000 + 600  # payload + framing
 
     state = {"thresholds": {"conv1": torch.ones(6)}, "delta": {"conv1": torch.zeros(6)}, "model": {"fc.weight": torch.eye(2)}}
     flat = rec.flatten_state(state)
@@ -362,3 +365,107 @@ def test_a_node_that_stops_answering_does_not_stop_the_run(tmp_path):
         assert row["bits_up"] == (2 - lost) * 580 * 32
     assert rows[3]["evaluated"] and rows[3]["clients_evaluated"] == 3
     assert (run_dir / "summary.json").exists()
+
+
+def _same_rows(ours: list[dict], theirs: list[dict], skip: tuple[str, ...] = ()) -> None:
+    """Every field the simulator writes has the same value in ``ours`` (``seconds`` and ``skip`` aside)."""
+    assert [r["round"] for r in ours] == [r["round"] for r in theirs]
+    for mine, ref in zip(ours, theirs, strict=True):
+        for key, value in ref.items():
+            if key == "seconds" or key in skip:
+                continue
+            if isinstance(value, float):
+                assert mine[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (mine["round"], key)
+            else:
+                assert mine[key] == value, (mine["round"], key)
+
+
+BROADCASTING = "importance_update=all_after_aggregation; eval_every=1; rounds=4"
+
+
+def test_a_node_absent_at_a_broadcast_receives_it_before_it_next_works(tmp_path):
+    """The node of one partition misses round 1's broadcast; it gets it with its next message, and the run equals in-process."""
+    Simulator(spafl_config(BROADCASTING), tmp_path / "inprocess", progress=False).run()
+    theirs = read_metrics(tmp_path / "inprocess" / "metrics.jsonl")
+    victim = 3
+
+    def miss_one_broadcast(grid: LocalGrid) -> None:
+        original = grid.push_messages
+
+        def push(messages):
+            messages = list(messages)
+            away = bool(messages) and messages[0].metadata.message_type == rec.BROADCAST and messages[0].metadata.group_id == "1"
+            (grid.hung.add if away else grid.hung.discard)(grid.node_holding(victim))
+            return original(messages)
+
+        grid.push_messages = push
+
+    run_dir = _run_local(tmp_path, timeout=0.5, setup=miss_one_broadcast, extra=BROADCASTING)
+    ours = read_metrics(run_dir / "metrics.jsonl")
+    # the lost copy was sent, and sent again with the node's next message (round 1's evaluation): counted twice
+    broadcast_bits = 580 * 32  # delta_g
+    assert ours[1]["bits_down"] == theirs[1]["bits_down"] + broadcast_bits
+    assert [r["bits_down"] for r in ours[2:]] == [r["bits_down"] for r in theirs[2:]]
+    assert [r["bits_cum"] - broadcast_bits for r in ours[1:]] == [r["bits_cum"] for r in theirs[1:]]
+    _same_rows(ours, theirs, skip=("bits_down", "bits_cum"))  # the same models: every client received every broadcast
+    assert [r["accuracy"] for r in ours] == pytest.approx([r["accuracy"] for r in theirs], rel=1e-9)
+    expected = load_checkpoint(tmp_path / "inprocess")["server"]["thresholds"]
+    for name, tensor in server_thresholds(run_dir).items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0)
+
+
+def test_a_stopped_server_resumes_from_its_run_directory_with_the_metrics_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """The ServerApp dies in round 3 after its nodes trained and applied the broadcast; resumed, it gives the in-process rows."""
+    from spafl.flower.transport import GridTransport
+
+    Simulator(spafl_config(BROADCASTING), tmp_path / "inprocess", progress=False).run()
+    run_dir, state_dir = tmp_path / "run", tmp_path / "state"
+    config = run_config(run_dir, BROADCASTING, timeout=30.0)
+    grid = LocalGrid(make_client_app(), config, state_dir, num_nodes=4)
+    settings = rec.RunSettings.from_run_config(config)
+    original_save = GridTransport.save
+
+    def die_in_round_three(self, state):
+        if state["round"] == 3:
+            raise KeyboardInterrupt
+        original_save(self, state)
+
+    monkeypatch.setattr(GridTransport, "save", die_in_round_three)
+    with pytest.raises(KeyboardInterrupt):
+        SpaFLStrategy(settings.config(), out_dir=run_dir, round_timeout=30.0, poll_interval=0.01).start(grid)
+    assert [r["round"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
+    monkeypatch.setattr(GridTransport, "save", original_save)
+
+    with pytest.raises(UserError, match="already holds a run"):
+        SpaFLStrategy(settings.config(), out_dir=run_dir, round_timeout=30.0).start(grid)
+    # the same nodes (their newest states are from round 3, which the server lost), then a restarted SuperNode's empty context
+    grid.nodes[grid.node_holding(0)].state = RecordDict()
+    resumed = rec.RunSettings.from_run_config({**config, "resume": "true"})
+    assert resumed.resume
+    SpaFLStrategy(resumed.config(), out_dir=run_dir, round_timeout=30.0, poll_interval=0.01, resume=True).start(grid)
+    ours, theirs = read_metrics(run_dir / "metrics.jsonl"), read_metrics(tmp_path / "inprocess" / "metrics.jsonl")
+    _same_rows(ours, theirs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"] == json.loads((tmp_path / "inprocess" / "summary.json").read_text())["final"]
+
+
+def test_a_new_node_claiming_a_partition_that_a_serving_node_holds_does_not_take_it(tmp_path, inprocess, caplog):
+    """After round 1, a second node says it holds a partition sampled in rounds 2 and 3; its holder keeps serving it."""
+    config = spafl_config()
+    claimed = sample_clients(config.seed, 1, config.num_clients, config.clients_per_round)[0]
+    impostors = []
+
+    def add_impostor(grid: LocalGrid) -> None:
+        original = grid.push_messages
+
+        def push(messages):
+            messages = list(messages)
+            if messages and messages[0].metadata.group_id == "2" and not impostors:
+                impostors.append(grid.add_node(claimed))  # a fresh context: its model would be the initial one
+            return original(messages)
+
+        grid.push_messages = push
+
+    run_dir = _run_local(tmp_path, setup=add_impostor)
+    assert f"claims partition {claimed}, which node {1000 + 100 * claimed + claimed} holds and serves; not handed over" in caplog.text
+    _same_rows(read_metrics(run_dir / "metrics.jsonl"), read_metrics(inprocess / "metrics.jsonl"))

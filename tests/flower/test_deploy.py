@@ -406,6 +406,6 @@ def test_the_deploy_local_command_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
-    from spafl.engine import rundir
+    from spafl.runtime import record as rundir
 
     assert (deploy.CONFIG, deploy.SUMMARY) == (rundir.CONFIG, rundir.SUMMARY)

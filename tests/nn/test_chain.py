@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from spafl.algorithms import ClientData, ClientTask
-from spafl.algorithms.spafl import train_local
+from spafl.algorithms.local_sgd import Hooks, train_local
+from spafl.algorithms.spafl import add_penalty_gradient
 from spafl.data import preprocess_for
 from spafl.models import build_model
 from spafl.nn import STE_NAMES, kernels, masked_layers
@@ -142,9 +143,19 @@ def test_train_local_by_hand_matches_autograd_over_two_epochs(threads):
         if not by_hand:
             model.chain = None  # autograd
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        thresholds = [layer.threshold for _, layer in masked_layers(model)]
+
+        def last_epoch_only(epoch, thresholds=thresholds):
+            for threshold in thresholds:
+                threshold.requires_grad_(epoch == 1)
+
+        def penalty(thresholds=thresholds):
+            if thresholds[0].requires_grad:
+                add_penalty_gradient(thresholds, 0.002)
+
         loss, steps = train_local(
             model, data, ClientTask(client_id=3, round_index=1, seed=0), epochs=2, batch_size=16, optimizer=optimizer,
-            device=torch.device("cpu"), grad_clip=0.0, penalty=0.002, thresholds_trainable=lambda epoch: epoch == 1,
+            device=torch.device("cpu"), grad_clip=0.0, hooks=Hooks(epoch_start=last_epoch_only, after_gradients=penalty),
         )
         buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
         results.append((loss, steps, {k: v.clone() for k, v in model.state_dict().items()}, buffers))

@@ -1,13 +1,43 @@
-"""Federated algorithms, one module each, all behind :class:`spafl.algorithms.base.Algorithm`."""
+"""Federated algorithms, one module each, all behind :class:`spafl.algorithms.base.Algorithm`.
 
-from spafl.algorithms.base import Algorithm, ClientData, ClientResult, ClientTask, Message, ModelSpec, Reply, State
-from spafl.algorithms.fedavg import FedAvg
-from spafl.algorithms.local import Local
-from spafl.algorithms.spafl import SpaFL
+:data:`ALGORITHMS` is the one registry of method names (``Config.method`` takes
+its choices from it). The names are known without importing torch; a class
+and the rest of this package's names are imported on first use (PEP 562).
+"""
 
-ALGORITHMS: dict[str, type[Algorithm]] = {SpaFL.name: SpaFL, FedAvg.name: FedAvg, Local.name: Local}
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spafl.registry import Registry, lazy_attributes
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names are resolved by __getattr__
+    from spafl.algorithms.base import Algorithm, ClientData, ClientResult, ClientTask, Message, ModelSpec, Reply, State
+    from spafl.algorithms.fedavg import FedAvg
+    from spafl.algorithms.local import Local
+    from spafl.algorithms.spafl import SpaFL
+
+#: Method name -> algorithm class (each class's ``name`` is its key).
+ALGORITHMS: Registry[type[Algorithm]] = Registry({
+    "spafl": "spafl.algorithms.spafl:SpaFL",
+    "fedavg": "spafl.algorithms.fedavg:FedAvg",
+    "local": "spafl.algorithms.local:Local",
+})
+
+# public name -> module that defines it
+_LAZY = {
+    **{name: "spafl.algorithms.base" for name in (
+        "Algorithm", "ClientData", "ClientResult", "ClientTask", "Message", "ModelSpec", "Reply", "State",
+    )},
+    "FedAvg": "spafl.algorithms.fedavg",
+    "Local": "spafl.algorithms.local",
+    "SpaFL": "spafl.algorithms.spafl",
+}
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "ClientData", "ClientResult", "ClientTask", "FedAvg", "Local", "Message", "ModelSpec",
     "Reply", "SpaFL", "State",
 ]
+
+
+__getattr__, __dir__ = lazy_attributes("spafl.algorithms", _LAZY, globals(), __all__)

@@ -24,12 +24,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from spafl.config import Config
+from spafl.config import SHARED_OWNERS, keys_of
 from spafl.data.transforms import Preprocess
 from spafl.nn.compact import set_compact
 from spafl.seeding import derive_seed
@@ -37,13 +37,21 @@ from spafl.seeding import derive_seed
 Message = dict[str, torch.Tensor]
 State = dict[str, Any]
 
-#: Config keys every algorithm reads: data, federation, local SGD, running.
-COMMON_KEYS = frozenset({
-    "method", "dataset", "model", "rounds", "num_clients", "clients_per_round", "partition", "alpha",
-    "min_client_samples", "local_epochs", "batch_size", "lr", "lr_decay", "lr_min", "momentum", "weight_decay",
-    "grad_clip", "pixels", "augment", "data_dir", "seed", "eval_every", "eval_batch_size", "checkpoint_every",
-    "device", "threads", "record_masks", "execution", "client_store", "eval_clients", "workers",
-})
+if TYPE_CHECKING:
+    from spafl.config import Config
+
+
+def pack(prefix: str, tensors: dict[str, torch.Tensor]) -> Message:
+    return {prefix + name: tensor for name, tensor in tensors.items()}
+
+
+def unpack(prefix: str, message: Message, expected: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors named ``prefix<layer>``; with ``expected``, all those layers must be present."""
+    found = {name[len(prefix):]: tensor for name, tensor in message.items() if name.startswith(prefix)}
+    if expected is not None and set(found) != set(expected):
+        missing = sorted(set(expected) - set(found))
+        raise ValueError(f"message lacks {prefix}* tensors for layers {missing[:5]} (has {sorted(message)[:5]}...)")
+    return found
 
 
 def check_named_tensors(
@@ -132,17 +140,23 @@ class ModelSpec:
 class Algorithm(ABC):
     """Base class: holds the config and one reusable model workspace."""
 
+    #: The method name (its key in :data:`spafl.algorithms.ALGORITHMS`, and the owner of its own config keys).
     name: ClassVar[str]
-    #: The config keys this algorithm reads beyond :data:`COMMON_KEYS` (its own hyperparameters).
-    own_keys: ClassVar[frozenset[str]] = frozenset()
     #: Whether :meth:`evaluation_state` depends on the client's state only (not on the server's),
     #: so that a client whose state has not changed evaluates exactly as before.
     personal_evaluation: ClassVar[bool] = False
+    #: Whether rows also report the uplink with its bitmasks entropy-coded (``bits_up_coded``, ``bits_cum_coded``),
+    #: beside the raw bits (for an algorithm whose masks an arithmetic coder would compress).
+    reports_coded_bits: ClassVar[bool] = False
 
     @classmethod
     def keys(cls) -> frozenset[str]:
-        """Every config key that changes what this algorithm does."""
-        return COMMON_KEYS | cls.own_keys
+        """Every config key that changes what this algorithm does: the shared ones and those it owns.
+
+        Which keys an algorithm owns is declared at each field of :class:`spafl.config.Config`
+        (``owner`` in its metadata); see :data:`spafl.config.SHARED_OWNERS`.
+        """
+        return keys_of(*SHARED_OWNERS, cls.name)
 
     def __init__(self, config: Config, spec: ModelSpec) -> None:
         self.config = config

@@ -2,7 +2,7 @@
 
 Each client starts from the common initial model and trains all its
 weights (masking off, thresholds frozen, as in
-:class:`spafl.algorithms.fedavg.FedAvg`) for E local epochs with SGD at the
+:class:`spafl.algorithms.fedavg.FedAvg`, see :mod:`spafl.algorithms.dense`) for E local epochs with SGD at the
 round's lr. A client trains ONLY in the rounds in which it is sampled, so
 its compute budget is the same as under the federated methods; a client
 that is never sampled keeps the initial model. Each client is evaluated
@@ -18,8 +18,8 @@ train; it is never modified in place.
 from __future__ import annotations
 
 from spafl.algorithms.base import ClientResult
-from spafl.algorithms.fedavg import DenseAlgorithm
-from spafl.algorithms.spafl import export_optimizer
+from spafl.algorithms.dense import DenseAlgorithm
+from spafl.algorithms.local_sgd import export_optimizer
 
 
 class Local(DenseAlgorithm):
@@ -27,7 +27,6 @@ class Local(DenseAlgorithm):
 
     name = "local"
     personal_evaluation = True
-    own_keys = frozenset({"optimizer_scope"})
 
     def init_server(self, initial_model):
         return {}

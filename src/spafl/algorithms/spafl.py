@@ -18,34 +18,17 @@ where the importance update needs it).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from spafl.algorithms.base import Algorithm, check_named_tensors, ClientData, ClientResult, ClientTask, Message, State
-from spafl.data.batches import train_batches
+from spafl.algorithms.base import Algorithm, ClientResult, Message, State, check_named_tensors, pack, unpack
+from spafl.algorithms.local_sgd import Hooks, client_optimizer, export_optimizer, train_local
 from spafl.metrics.flops import batches_per_epoch, dense_macs_per_sample, training_flops
 from spafl.nn import get_thresholds, masked_layers, num_masked_weights, set_thresholds
-from spafl.nn.chain import RowGradients, chain_gradients, chain_stages
-from spafl.seeding import generator
 
 THRESHOLDS = "thresholds/"
 DELTA = "delta/"
-
-
-def pack(prefix: str, tensors: dict[str, torch.Tensor]) -> Message:
-    return {prefix + name: tensor for name, tensor in tensors.items()}
-
-
-def unpack(prefix: str, message: Message, expected: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors named ``prefix<layer>``; with ``expected``, all those layers must be present."""
-    found = {name[len(prefix):]: tensor for name, tensor in message.items() if name.startswith(prefix)}
-    if expected is not None and set(found) != set(expected):
-        missing = sorted(set(expected) - set(found))
-        raise ValueError(f"message lacks {prefix}* tensors for layers {missing[:5]} (has {sorted(message)[:5]}...)")
-    return found
 
 
 @torch.no_grad()
@@ -80,12 +63,9 @@ def threshold_penalty_coefficient(th_coeff: float, warmup: float, round_index: i
 def add_penalty_gradient(thresholds: list[torch.Tensor], coefficient: float) -> None:
     """Add the gradient of ``coefficient * sum_i exp(-tau_i)``, that is ``-coefficient * exp(-tau)``, to each threshold's ``.grad``.
 
-    Bit for bit what autograd gives when the penalty is part of the
-    objective: autograd multiplies ``exp(-tau)`` by the coefficient (rounded
-    to the thresholds' dtype), negates, and sums with the loss's gradient;
-    ``x - y`` equals ``x + (-y)`` exactly. Four list operations instead of
-    building and differentiating the penalty's graph, about 45 operators
-    per step for LeNet-5's four layers.
+    Bit for bit what autograd gives when the penalty is part of the objective
+    (``x - y`` equals ``x + (-y)`` exactly), in four list operations instead
+    of the penalty's graph (about 45 operators per step for LeNet-5).
     """
     with torch.no_grad():
         terms = torch._foreach_exp(torch._foreach_neg(thresholds))
@@ -97,205 +77,11 @@ def add_penalty_gradient(thresholds: list[torch.Tensor], coefficient: float) -> 
                 threshold.grad.sub_(term)
 
 
-def round_lr(lr: float, lr_decay: float, lr_min: float, round_index: int) -> float:
-    return max(lr * lr_decay**round_index, lr_min)
-
-
-def client_optimizer(parameters, config, client: State, round_index: int) -> torch.optim.Optimizer:
-    """SGD at round ``round_index``'s lr; with ``optimizer_scope=persistent`` it resumes the client's saved state.
-
-    The saved state is ``client["optimizer"]`` (None before the client's
-    first round); the saved lr is overridden by the round's lr.
-    """
-    c = config
-    lr = round_lr(c.lr, c.lr_decay, c.lr_min, round_index)
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
-    if c.optimizer_scope == "persistent" and client.get("optimizer") is not None:
-        optimizer.load_state_dict(client["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-    return optimizer
-
-
-def steps_by_rows(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether :func:`momentum_step` can stand in for ``optimizer.step()``: plain SGD with momentum, nothing else."""
-    return type(optimizer) is torch.optim.SGD and all(
-        group["momentum"] > 0 and group["dampening"] == 0 and group["weight_decay"] == 0 and not torch.is_tensor(group["lr"])
-        and not (group["nesterov"] or group["maximize"] or group["fused"] or group.get("differentiable"))
-        for group in optimizer.param_groups
-    )
-
-
-@torch.no_grad()
-def momentum_step(optimizer: torch.optim.SGD, rows: RowGradients) -> None:
-    """``optimizer.step()`` (SGD with momentum, see :func:`steps_by_rows`), where the weights in ``rows`` have only their kept rows' gradient.
-
-    Bit for bit what ``optimizer.step()`` does with each such weight's
-    full-size gradient (0 outside the rows): ``buf = momentum * buf + grad``,
-    ``param -= lr * buf``. Adding a 0 leaves every value as it is (a -0.0
-    can become +0.0, which compares equal). So the ``index_add_`` of the
-    rows does the second pass, without writing, scattering and adding a
-    full-size gradient: for LeNet-5's fc1, three passes over 1.6 MB fewer
-    per step. Parameters without a gradient (frozen thresholds) are skipped,
-    as ``optimizer.step()`` skips them. Each pass runs over all parameters
-    at once (``torch._foreach_*``), with the same arithmetic per value.
-    """
-    for group in optimizer.param_groups:
-        params, buffers, decaying, dense, dense_grads, by_rows = [], [], [], [], [], []
-        for param in group["params"]:
-            kept = rows.get(param)
-            if kept is None and param.grad is None:
-                continue
-            state = optimizer.state[param]
-            buf = state.get("momentum_buffer")
-            if buf is None:  # the first step: the buffer is the gradient
-                if kept is None:
-                    buf = param.grad.detach().clone()
-                else:
-                    buf = torch.zeros_like(param).index_copy_(0, kept[0], kept[1])
-                state["momentum_buffer"] = buf
-            else:
-                decaying.append(buf)
-                if kept is None:
-                    dense.append(buf)
-                    dense_grads.append(param.grad)
-                else:
-                    by_rows.append((buf, kept))
-            params.append(param)
-            buffers.append(buf)
-        if decaying:
-            torch._foreach_mul_(decaying, group["momentum"])
-        if dense:
-            torch._foreach_add_(dense, dense_grads)
-        for buf, (index, grad) in by_rows:
-            buf.index_add_(0, index, grad)
-        if params:
-            torch._foreach_add_(params, buffers, alpha=-group["lr"])
-
-
-def zero_grad(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.zero_grad(set_to_none=True)`` without its bookkeeping (0.15 ms for LeNet-5's eight parameters)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            param.grad = None
-
-
-class LocalStep:
-    """A local SGD step's gradients and update: by hand for a chain model, by autograd otherwise.
-
-    A model that is a chain of masked layers in compact execution is
-    differentiated by hand (:mod:`spafl.nn.chain`, bit-identical to
-    autograd); plain momentum SGD without gradient clipping then updates it
-    from the kept rows' gradients (:func:`momentum_step`, bit-identical to
-    ``optimizer.step()``). Between :meth:`gradients` and :meth:`update`, the
-    ``.grad`` of every other parameter can be changed (penalty, clipping).
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0) -> None:
-        self.model, self.optimizer = model, optimizer
-        self.chain = chain_stages(model)
-        self.by_rows = self.chain is not None and grad_clip <= 0 and steps_by_rows(optimizer)
-        self.rows: RowGradients = {}
-
-    def gradients(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The mean cross-entropy of the batch; the gradients are in ``.grad`` (and the kept rows')."""
-        if self.chain is None:
-            loss = F.cross_entropy(self.model(inputs), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            return loss
-        zero_grad(self.optimizer)
-        self.rows.clear()
-        return chain_gradients(self.chain, inputs, labels, self.rows if self.by_rows else None)
-
-    def update(self) -> None:
-        if self.rows:
-            momentum_step(self.optimizer, self.rows)  # type: ignore[arg-type]
-        else:
-            self.optimizer.step()
-
-
-def export_optimizer(optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state dict with every tensor copied to the CPU (for the client state)."""
-    saved = optimizer.state_dict()
-    saved["state"] = {
-        index: {key: (value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value) for key, value in slot.items()}
-        for index, slot in saved["state"].items()
-    }
-    return saved
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def train_local(
-    model: nn.Module,
-    data: ClientData,
-    task: ClientTask,
-    *,
-    epochs: int,
-    batch_size: int,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    grad_clip: float,
-    penalty: float = 0.0,
-    thresholds_trainable: Callable[[int], bool] | None = None,
-    threshold_clip: float = 0.0,
-) -> tuple[float, int]:
-    """Minibatch SGD over the client's data; returns (mean CE loss, batches run).
-
-    The order of samples and any augmentation come from a generator seeded
-    by (seed, client, round) only. ``thresholds_trainable(epoch)`` says
-    whether thresholds get gradients in that epoch (None: never touched).
-    A trailing batch of one sample is skipped when the model has BatchNorm
-    (training-mode BatchNorm cannot normalize a single sample). Each step is
-    a :class:`LocalStep` (by hand for a chain model).
-    """
-    rng = generator(task.seed, "client_train", task.client_id, task.round_index)
-    layers = [layer for _, layer in masked_layers(model)]
-    thresholds = [layer.threshold for layer in layers]
-    skip_singletons = has_batchnorm(model)
-    model.train()
-    step = LocalStep(model, optimizer, grad_clip)
-    total_loss = 0.0
-    steps = 0
-    n = data.num_train
-    for epoch in range(epochs):
-        if thresholds_trainable is not None:
-            trainable = thresholds_trainable(epoch)
-            for layer in layers:
-                layer.threshold.requires_grad_(trainable)
-        order = torch.randperm(n, generator=rng)
-        for inputs, labels in train_batches(data, order, batch_size, rng, skip_singletons):
-            inputs = inputs.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            loss = step.gradients(inputs, labels)
-            if penalty > 0 and thresholds and thresholds[0].requires_grad:
-                add_penalty_gradient(thresholds, penalty)
-            if grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            step.update()
-            if threshold_clip > 0:
-                with torch.no_grad():
-                    for layer in layers:
-                        layer.threshold.clamp_(-threshold_clip, threshold_clip)
-            total_loss += float(loss.detach())
-            steps += 1
-    for layer in layers:
-        layer.threshold.requires_grad_(True)
-    return (total_loss / steps if steps else float("nan")), steps
-
-
 class SpaFL(Algorithm):
     """SpaFL: personalized structured-sparse models, thresholds-only communication."""
 
     name = "spafl"
     personal_evaluation = True
-    own_keys = frozenset({
-        "optimizer_scope", "th_coeff", "th_coeff_warmup", "ste", "threshold_schedule", "importance_update",
-        "importance_sign", "importance_delta", "aggregation_weighting", "frozen_weights", "collapse_guard", "threshold_clip",
-    })
 
     def __init__(self, config, spec) -> None:
         super().__init__(config, spec)
@@ -320,13 +106,10 @@ class SpaFL(Algorithm):
         return state
 
     # -- messages --------------------------------------------------------------
-    def _sends_delta_down(self) -> bool:
-        c = self.config
-        return c.importance_update == "before_training" and c.importance_delta == "server_sends" and not c.frozen_weights
-
     def server_message(self, server, client_id, round_index):
+        c = self.config
         message = pack(THRESHOLDS, server["thresholds"])
-        if self._sends_delta_down():
+        if c.importance_update == "before_training" and c.importance_delta == "server_sends" and not c.frozen_weights:
             message.update(pack(DELTA, server["delta"]))
         return message
 
@@ -360,34 +143,43 @@ class SpaFL(Algorithm):
         return client
 
     # -- local training --------------------------------------------------------
-    def _optimizer(self, model: nn.Module, client: State, round_index: int) -> torch.optim.Optimizer:
-        return client_optimizer(model.parameters(), self.config, client, round_index)
+    def _hooks(self, model: nn.Module, round_index: int) -> Hooks:
+        """SpaFL's additions to local SGD: when thresholds train, their penalty's gradient, optional clipping."""
+        c = self.config
+        thresholds = [layer.threshold for _, layer in masked_layers(model)]
+        penalty = threshold_penalty_coefficient(c.th_coeff, c.th_coeff_warmup, round_index)
 
-    @staticmethod
-    def _export_optimizer(optimizer: torch.optim.Optimizer) -> dict:
-        return export_optimizer(optimizer)
+        def epoch_start(epoch: int) -> None:
+            trainable = c.threshold_schedule == "every_step" or epoch == c.local_epochs - 1
+            for threshold in thresholds:
+                threshold.requires_grad_(trainable)
+
+        def after_gradients() -> None:
+            if penalty > 0 and thresholds and thresholds[0].requires_grad:
+                add_penalty_gradient(thresholds, penalty)
+
+        @torch.no_grad()
+        def clip() -> None:
+            for threshold in thresholds:
+                threshold.clamp_(-c.threshold_clip, c.threshold_clip)
+
+        return Hooks(epoch_start, after_gradients, clip if c.threshold_clip > 0 else None)
 
     def client_update(self, client, message, data, task):
         c = self.config
         client = dict(client)
         model = self.workspace(client["model"])
-        received = unpack(THRESHOLDS, message, self.layer_names)
-        if c.importance_update == "before_training" and not c.frozen_weights:
-            delta = self._received_delta(client, message)
-            set_thresholds(model, received)
+        updates_now = c.importance_update == "before_training" and not c.frozen_weights
+        delta = self._received_delta(client, message) if updates_now else None
+        set_thresholds(model, unpack(THRESHOLDS, message, self.layer_names))
+        if delta is not None:
             importance_update(model, delta, c.importance_sign)
-        else:
-            set_thresholds(model, received)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.endswith("threshold") or not c.frozen_weights)
-        optimizer = self._optimizer(model, client, task.round_index)
-        schedule = (lambda epoch: True) if c.threshold_schedule == "every_step" else (lambda epoch: epoch == c.local_epochs - 1)
+        optimizer = client_optimizer(model.parameters(), c, client, task.round_index)
         loss, steps = train_local(
-            model, data, task,
-            epochs=c.local_epochs, batch_size=c.batch_size, optimizer=optimizer, device=self.device,
-            grad_clip=c.grad_clip,
-            penalty=threshold_penalty_coefficient(c.th_coeff, c.th_coeff_warmup, task.round_index),
-            thresholds_trainable=schedule, threshold_clip=c.threshold_clip,
+            model, data, task, epochs=c.local_epochs, batch_size=c.batch_size, optimizer=optimizer, device=self.device,
+            grad_clip=c.grad_clip, hooks=self._hooks(model, task.round_index),
         )
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -397,7 +189,7 @@ class SpaFL(Algorithm):
             c.local_epochs * batches_per_epoch(data.num_train, c.batch_size), self.num_thresholds, self.num_masked_weights,
         )
         client["model"] = self.export(model)
-        client["optimizer"] = self._export_optimizer(optimizer) if c.optimizer_scope == "persistent" else None
+        client["optimizer"] = export_optimizer(optimizer) if c.optimizer_scope == "persistent" else None
         up = pack(THRESHOLDS, {name: tensor.to("cpu") for name, tensor in get_thresholds(model).items()})
         return ClientResult(client, up, {"train_loss": loss, "steps": steps, "flops": flops, "num_samples": data.num_train})
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spafl.errors import UserError
+from spafl.data.registry import DATASETS, check_name
 
-DATASETS: tuple[str, ...] = ("fmnist", "cifar10", "cifar100", "synthetic")
+__all__ = ["DATASETS", "Dataset", "check_name", "load_dataset"]  # DATASETS, check_name: see spafl.data.registry
 
 
 @dataclass
@@ -52,13 +52,6 @@ class Dataset:
     def image_shape(self) -> tuple[int, ...]:
         """Shape of one input: (C, H, W) for images."""
         return tuple(int(size) for size in self.train_x.shape[1:])
-
-
-def check_name(name: str) -> str:
-    """Return ``name`` if it is a known dataset, else raise a UserError listing the choices."""
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    return name
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True) -> Dataset:

@@ -1,6 +1,5 @@
-"""Execution engines: the in-process simulator, checkpoints, run directories."""
+"""The in-process engine: the simulator (a transport of the shared round), its worker processes, client-state store and checkpoints."""
 
-from spafl.engine.federation import Federation, build_federation
-from spafl.engine.simulator import Simulator, summarize_run
+from spafl.engine.simulator import Simulator
 
-__all__ = ["Federation", "Simulator", "build_federation", "summarize_run"]
+__all__ = ["Simulator"]

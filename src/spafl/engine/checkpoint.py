@@ -4,10 +4,11 @@ The state is written to a temporary file in the same directory, flushed and
 fsynced, then renamed over the previous checkpoint (rename is atomic on
 POSIX), and the directory is fsynced. Only the latest checkpoint is kept.
 
-Format 2 holds the client states as :meth:`spafl.engine.store.Clients.checkpoint_state`
+It holds the run state (:mod:`spafl.runtime.round`), the torch RNG, the
+config, and the client states as :meth:`spafl.engine.store.Clients.checkpoint_state`
 gives them (the written states themselves, or with ``client_store=disk`` the
 index of the per-client files it references, plus the broadcasts not yet
-delivered); format 1 held a list with every client's state and is still read.
+delivered).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Any
 import torch
 
 from spafl.errors import UserError
+from spafl.runtime.record import fsync_directory
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 2
-READABLE = (1, 2)
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
@@ -34,17 +35,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, final)
-    directory = os.open(run_dir, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_directory(run_dir)
     return final
-
-
-def remove_stale_temporaries(run_dir: Path) -> None:
-    for stale in Path(run_dir).glob(f".{CHECKPOINT}.tmp-*"):
-        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
@@ -64,6 +56,6 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
             f"checkpoint {path} is unreadable, corrupt or not a spafl checkpoint ({type(error).__name__}; only tensors "
             f"and plain values are loaded); delete it to restart the run from round 0"
         ) from None
-    if not isinstance(state, dict) or state.get("format") not in READABLE or "round" not in state:
-        raise UserError(f"checkpoint {path} is not a spafl checkpoint of format {' or '.join(map(str, READABLE))}")
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "round" not in state:
+        raise UserError(f"checkpoint {path} is not a spafl checkpoint of format {FORMAT}")
     return state

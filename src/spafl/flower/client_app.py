@@ -8,8 +8,8 @@ replaces the config's ``data_dir``).
 
 The node derives its data exactly as the in-process simulator derives client
 k's: the dataset is loaded once per process, split with the config's seed
-(:func:`spafl.engine.federation.split`) and client k's part is taken with
-:func:`spafl.engine.federation.client_data`. Its initial state is
+(:func:`spafl.runtime.federation.split`) and client k's part is taken with
+:func:`spafl.runtime.federation.client_data`. Its initial state is
 ``algorithm.init_client(k, spec.initial_state(seed))``, the same seeded model
 as in-process.
 
@@ -17,16 +17,26 @@ The client state (weights, optimizer state, own thresholds, last seen global
 thresholds) lives in ``context.state`` for the run, and, with ``state-dir``,
 also in ``<state-dir>/client-<k>.pt``, rewritten atomically after every
 update. A node that starts without the state in its context (a restarted
-SuperNode) loads the file if it belongs to the same run and partition, logs
-it, and says ``resumed_from_disk=1`` in the reply to that message.
+SuperNode) loads the file if it belongs to the same spafl run and partition,
+logs it, and says ``resumed_from_disk=1`` in the reply to that message.
+
+Two versions of the state are kept: the newest, and the newest one written
+in an earlier round. Every message says from which rounds the server has
+resumed (``resumed-at``); a version written in a round the server has since
+gone back before is void, and the node falls back to the one before, so a
+resumed server meets its clients as they were at its checkpoint.
 
 Message types handled: ``query`` (report the partition), ``train`` (one
 local update), ``train.broadcast`` (apply a message sent to every client
 after aggregation), ``evaluate`` (evaluate on the node's own test split).
+Any message may carry broadcasts the node missed (record ``broadcasts``):
+they are applied first, in round order, skipping those already applied;
+every reply says the last one applied (``last-broadcast``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Mapping
@@ -42,14 +52,14 @@ from flwr.common import log
 from spafl.algorithms import ALGORITHMS, Algorithm, ClientData, ClientTask
 from spafl.config import Config
 from spafl.data import Dataset, Partition, load_dataset
-from spafl.engine.federation import client_data, model_spec, split
-from spafl.engine.simulator import configure_threads, resolve_device
 from spafl.errors import UserError
 from spafl.flower import records as rec
 from spafl.metrics import evaluate_client
+from spafl.runtime.federation import client_data, configure_threads, model_spec, resolve_device, split
+from spafl.runtime.record import write_bytes_atomic
 
 STATE_KEY = "spafl.client"  # ConfigRecord in context.state: {"payload": bytes}
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 # Loaded once per process: the dataset, its split, the algorithm (with its model workspace).
 _DATASETS: dict[tuple[str, str], Dataset] = {}
@@ -116,50 +126,109 @@ def state_path(state_dir: Path, partition_id: int) -> Path:
     return Path(state_dir) / f"client-{partition_id}.pt"
 
 
-def load_client_state(context: Context, node: _Node, state_dir: Path | None) -> tuple[dict, bool]:
-    """(client state, whether it was read from disk): context first, then the state file, then the initial state."""
+@dataclass
+class _Versions:
+    """A node's client state: up to two versions, each ``{"round", "epoch", "last_broadcast", "state"}``, oldest first."""
+
+    versions: list[dict]
+    resumed_from_disk: bool
+
+
+def _valid(version: dict, resumed_at: list[int]) -> bool:
+    """Whether a resume since ``version`` was written went back to a round before it (then it is void)."""
+    later_resumes = resumed_at[version["epoch"]:]
+    return all(version["round"] < start for start in later_resumes)
+
+
+def _read_versions(context: Context, node: _Node, state_dir: Path | None, token: str) -> _Versions:
+    """The node's saved versions of this run: from its context, else from its state file, else none."""
     k = node.partition_id
     if STATE_KEY in context.state:
         payload = rec.decode_state(context.state[STATE_KEY]["payload"])
-        if payload["partition_id"] == k:
-            return payload["state"], False
+        if payload["partition_id"] == k and payload["run"] == token:
+            return _Versions(payload["versions"], False)
     if state_dir is not None:
         path = state_path(state_dir, k)
         if path.exists():
             raw = path.read_bytes()
             try:
                 payload = rec.decode_state(raw)
-                if not isinstance(payload, dict) or "state" not in payload:
-                    raise ValueError("not a spafl client state file")
+                if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT or "versions" not in payload:
+                    raise ValueError("not a spafl client state file of this version")
             except Exception as error:  # noqa: BLE001 - unreadable: say so, never silently restart the client
                 raise UserError(f"client state file {path} is unreadable ({type(error).__name__}: {error}); delete it to start client {k} afresh") from None
-            if payload.get("run_id") == context.run_id and payload.get("partition_id") == k:
-                log(INFO, "spafl: client %d resumed from %s (state after round %s)", k, path, payload.get("round"))
+            if payload.get("run") == token and payload.get("partition_id") == k:
+                log(INFO, "spafl: client %d resumed from %s", k, path)
                 context.state[STATE_KEY] = ConfigRecord({"payload": raw})
-                return payload["state"], True
+                return _Versions(payload["versions"], True)
             log(WARNING, "spafl: ignoring %s: it belongs to run %s / partition %s, not run %s / partition %d",
-                path, payload.get("run_id"), payload.get("partition_id"), context.run_id, k)
-    return node.algorithm.init_client(k, node.algorithm.spec.initial_state(node.config.seed)), False
+                path, payload.get("run"), payload.get("partition_id"), token, k)
+    return _Versions([], False)
 
 
-def save_client_state(context: Context, node: _Node, state_dir: Path | None, state: dict, round_index: int) -> None:
+@dataclass
+class _Client:
+    """The state a message works on, and where it came from."""
+
+    state: dict
+    last_broadcast: int
+    versions: list[dict]  # the valid versions it was chosen from
+    resumed_from_disk: bool
+
+
+def load_client(context: Context, node: _Node, state_dir: Path | None, config: ConfigRecord) -> _Client:
+    """The newest valid version of the client's state (the initial state when there is none), then any broadcasts it missed."""
+    token, resumed_at = str(config[rec.RUN_TOKEN]), rec.parse_rounds(config.get(rec.RESUMED_AT, ""))
+    read = _read_versions(context, node, state_dir, token)
+    versions = [v for v in read.versions if _valid(v, resumed_at)]
+    if versions:
+        newest = versions[-1]
+        # a copy: training updates the optimizer's buffers in place, and the kept version must stay as it was
+        client = _Client(copy.deepcopy(newest["state"]), int(newest["last_broadcast"]), versions, read.resumed_from_disk)
+    else:
+        initial = node.algorithm.init_client(node.partition_id, node.algorithm.spec.initial_state(node.config.seed))
+        client = _Client(initial, -1, [], read.resumed_from_disk)
+    return client
+
+
+def apply_broadcasts(node: _Node, client: _Client, message: Message) -> bool:
+    """Apply the broadcasts ``message`` carries that the client has not applied, in round order; whether any was."""
+    if rec.BROADCASTS not in message.content.array_records:
+        return False
+    applied = False
+    for round_index, received in rec.unpack_rounds(rec.from_array_record(message.content.array_records[rec.BROADCASTS])).items():
+        if round_index > client.last_broadcast:
+            client.state = node.algorithm.client_receive(client.state, received, round_index)
+            client.last_broadcast = round_index
+            applied = True
+    return applied
+
+
+def save_client(context: Context, node: _Node, state_dir: Path | None, client: _Client, config: ConfigRecord) -> None:
+    """Write the client's state as the version of this message's round; keep the newest version of an earlier round beside it."""
+    round_index = int(config["round"])
+    epoch = len(rec.parse_rounds(config.get(rec.RESUMED_AT, "")))
+    earlier = [v for v in client.versions if v["round"] < round_index][-1:]
+    version = {"round": round_index, "epoch": epoch, "last_broadcast": client.last_broadcast, "state": client.state}
     payload = rec.encode_state({
-        "format": STATE_FORMAT, "run_id": context.run_id, "partition_id": node.partition_id, "round": round_index, "state": state,
+        "format": STATE_FORMAT, "run": str(config[rec.RUN_TOKEN]), "partition_id": node.partition_id, "versions": [*earlier, version],
     })
     context.state[STATE_KEY] = ConfigRecord({"payload": payload})
     if state_dir is not None:
-        rec.write_bytes_atomic(state_path(state_dir, node.partition_id), payload)
+        write_bytes_atomic(state_path(state_dir, node.partition_id), payload)
+    client.versions = [*earlier, version]
 
 
-def _round_and_target(message: Message, node: _Node) -> int:
+def _config(message: Message, node: _Node) -> ConfigRecord:
     config = message.content[rec.CONFIG]
-    intended = int(config[rec.PARTITION_ID])
-    if intended != node.partition_id:
-        raise ValueError(f"message meant for partition {intended} reached the node of partition {node.partition_id}")
-    return int(config["round"])
+    if rec.PARTITION_ID in config and int(config[rec.PARTITION_ID]) != node.partition_id:
+        raise ValueError(f"message meant for partition {config[rec.PARTITION_ID]} reached the node of partition {node.partition_id}")
+    return config
 
 
-def _reply(message: Message, metrics: dict[str, Any], arrays=None, info: ConfigRecord | None = None) -> Message:
+def _reply(message: Message, node: _Node, client: _Client, metrics: dict[str, Any], arrays=None, info: ConfigRecord | None = None) -> Message:
+    metrics = {**metrics, rec.PARTITION_ID: node.partition_id, rec.LAST_BROADCAST: client.last_broadcast,
+               "resumed_from_disk": client.resumed_from_disk}
     content = RecordDict({rec.METRICS: rec.metric_record(metrics)})
     if arrays is not None:
         content[rec.ARRAYS] = arrays
@@ -171,8 +240,8 @@ def _reply(message: Message, metrics: dict[str, Any], arrays=None, info: ConfigR
 # -- handlers ---------------------------------------------------------------------
 def handle_query(message: Message, context: Context, run_overrides=None, node_overrides=None) -> Message:
     node = node_setup(context, run_overrides, node_overrides)
-    state_dir = _state_dir(context, node_overrides)
-    _, resumed = load_client_state(context, node, state_dir)
+    config = _config(message, node)
+    client = load_client(context, node, _state_dir(context, node_overrides), config)
     dataset = node.dataset
     info = ConfigRecord({
         "data_source": str(dataset.source),
@@ -180,56 +249,54 @@ def handle_query(message: Message, context: Context, run_overrides=None, node_ov
         "image_shape": [int(s) for s in dataset.image_shape],
         "num_classes": int(dataset.num_classes),
     })
-    metrics = {
-        rec.PARTITION_ID: node.partition_id, rec.NUM_PARTITIONS: node.config.num_clients,
-        "resumed_from_disk": resumed, "num_train": node.data.num_train, "num_test": node.data.num_test,
-    }
-    return _reply(message, metrics, info=info)
+    metrics = {rec.NUM_PARTITIONS: node.config.num_clients, "num_train": node.data.num_train, "num_test": node.data.num_test}
+    return _reply(message, node, client, metrics, info=info)
 
 
 def handle_train(message: Message, context: Context, run_overrides=None, node_overrides=None) -> Message:
     node = node_setup(context, run_overrides, node_overrides)
     state_dir = _state_dir(context, node_overrides)
-    round_index = _round_and_target(message, node)
+    config = _config(message, node)
+    round_index = int(config["round"])
     down = rec.from_array_record(message.content[rec.ARRAYS])
-    state, resumed = load_client_state(context, node, state_dir)
+    client = load_client(context, node, state_dir, config)
+    apply_broadcasts(node, client, message)
     task = ClientTask(client_id=node.partition_id, round_index=round_index, seed=node.config.seed)
-    result = node.algorithm.client_update(state, down, node.data, task)
-    save_client_state(context, node, state_dir, result.state, round_index)
+    result = node.algorithm.client_update(client.state, down, node.data, task)
+    client.state = result.state
+    save_client(context, node, state_dir, client, config)
     stats = result.stats
     metrics = {
         "train_loss": float(stats.get("train_loss", math.nan)),
         "steps": int(stats.get("steps", 0)),
         "flops": float(stats.get("flops", 0.0)),
         "num_samples": int(stats.get("num_samples", 0)),
-        rec.PARTITION_ID: node.partition_id,
         "round": round_index,
-        "resumed_from_disk": resumed,
     }
-    return _reply(message, metrics, arrays=rec.to_array_record(result.message))
+    return _reply(message, node, client, metrics, arrays=rec.to_array_record(result.message))
 
 
 def handle_broadcast(message: Message, context: Context, run_overrides=None, node_overrides=None) -> Message:
     node = node_setup(context, run_overrides, node_overrides)
     state_dir = _state_dir(context, node_overrides)
-    round_index = _round_and_target(message, node)
-    received = rec.from_array_record(message.content[rec.ARRAYS])
-    state, resumed = load_client_state(context, node, state_dir)
-    state = node.algorithm.client_receive(state, received, round_index)
-    save_client_state(context, node, state_dir, state, round_index)
-    return _reply(message, {rec.PARTITION_ID: node.partition_id, "round": round_index, "resumed_from_disk": resumed})
+    config = _config(message, node)
+    client = load_client(context, node, state_dir, config)
+    if apply_broadcasts(node, client, message):
+        save_client(context, node, state_dir, client, config)
+    return _reply(message, node, client, {"round": int(config["round"])})
 
 
 def handle_evaluate(message: Message, context: Context, run_overrides=None, node_overrides=None) -> Message:
     node = node_setup(context, run_overrides, node_overrides)
     state_dir = _state_dir(context, node_overrides)
-    _round_and_target(message, node)
+    config = _config(message, node)
     server = rec.unflatten_state(rec.from_array_record(message.content[rec.SERVER_STATE]))
-    state, resumed = load_client_state(context, node, state_dir)
-    model = node.algorithm.workspace(node.algorithm.evaluation_state(state, server))
+    client = load_client(context, node, state_dir, config)
+    if apply_broadcasts(node, client, message):
+        save_client(context, node, state_dir, client, config)
+    model = node.algorithm.workspace(node.algorithm.evaluation_state(client.state, server))
     evaluation = evaluate_client(model, node.data, node.config.eval_batch_size, node.algorithm.device)
-    metrics = {**rec.eval_to_metrics(evaluation), rec.PARTITION_ID: node.partition_id, "resumed_from_disk": resumed}
-    return _reply(message, metrics)
+    return _reply(message, node, client, rec.eval_to_metrics(evaluation))
 
 
 def make_client_app(run_config: Mapping[str, Any] | None = None, node_config: Mapping[str, Any] | None = None) -> ClientApp:

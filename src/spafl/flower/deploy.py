@@ -50,15 +50,13 @@ from pathlib import Path
 from typing import Any
 
 from spafl.errors import UserError
+from spafl.runtime.record import CONFIG, SUMMARY  # imports no torch
 
 DEPLOY_ID_ENV = "SPAFL_DEPLOY_ID"
 DEPLOY_ROLE_ENV = "SPAFL_DEPLOY_ROLE"
 CONNECTION = "spafl-local"
 LOOPBACK = "127.0.0.1"
 STATUS_COMPLETED = "finished:completed"
-# File names of a run directory, as in spafl.engine.rundir (importing that package would import torch).
-CONFIG = "config.json"
-SUMMARY = "summary.json"
 NODE_CONNECTED = re.compile(r"SuperNode ID: (\d+)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -2,9 +2,11 @@
 
 A spafl message is a flat dict of named tensors (``thresholds/<layer>``,
 ``delta/<layer>``, ...); on the wire it is an ``ArrayRecord`` with the same
-names, in the same order, with the same dtypes. Its size is counted from the
-record's array metadata (numel x bits per element), which equals
-:func:`spafl.metrics.message_bits` of the tensors it holds.
+names, in the same order, each in its encoding (:mod:`spafl.metrics.bits`):
+a NumPy array of the tensor's dtype, or for a bool tensor a bitmask (its
+bits packed eight to a byte, stype :data:`BITMASK_STYPE`). Payload bits are
+counted by :func:`spafl.metrics.message_bits` on the tensors read back;
+:func:`wire_bytes` measures what Flower serializes.
 
 States (the server's, sent for evaluation; a client's, kept in
 ``context.state`` and on disk) are nested dicts: the server state travels as a
@@ -17,10 +19,8 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord
 from spafl.config import Config, build_config, parse_assignment
 from spafl.errors import UserError
 from spafl.metrics import ClientEval
+from spafl.metrics.bits import BITMASK, encoded_bits, encoding_of
 
 # -- message types (category[.action], as Flower routes them) -------------------
 QUERY = "query"  # "which partition do you hold?" (node discovery)
@@ -43,6 +44,12 @@ METRICS = "metrics"  # MetricRecord: train stats / evaluation counts / partition
 CONFIG = "config"  # ConfigRecord: round index, intended partition id
 SERVER_STATE = "server"  # ArrayRecord: the flattened server state (evaluate messages)
 INFO = "info"  # ConfigRecord: what a node reports about its data (query replies)
+BROADCASTS = "broadcasts"  # ArrayRecord: broadcasts to apply in round order (pack_rounds) before anything else
+
+# -- keys of the messages' ConfigRecord and the replies' MetricRecord --------------
+RUN_TOKEN = "run-token"  # the spafl run a node's state belongs to (the same after a server restart)
+RESUMED_AT = "resumed-at"  # the round each resume of the run started from ("2,5"): states written later are void
+LAST_BROADCAST = "last-broadcast"  # round index of the last broadcast a node applied (-1: none)
 
 # -- run config ([tool.flwr.app.config] and --run-config) -----------------------
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
@@ -50,6 +57,7 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "set": "",
     "out-dir": "",
     "round-timeout": 120.0,
+    "resume": False,
 }
 
 # -- node config (--node-config of a SuperNode; Flower sets the first two in simulation)
@@ -59,44 +67,93 @@ STATE_DIR = "state-dir"
 DATA_DIR = "data-dir"
 
 SEPARATOR = "/"
+BITMASK_STYPE = "spafl.bitmask"  # an Array whose data are a bool tensor's bits, packed (np.packbits)
 
 
 # -- named tensors <-> ArrayRecord -----------------------------------------------
+def _array(name: str, tensor: torch.Tensor) -> Array:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    encoding_of(tensor.dtype)  # a dtype the channel cannot carry fails here, with the allowed ones
+    values = tensor.detach().to("cpu").contiguous().numpy()
+    if values.dtype == np.bool_:
+        return Array(dtype="bool", shape=tuple(values.shape), stype=BITMASK_STYPE, data=np.packbits(values.reshape(-1)).tobytes())
+    return Array.from_numpy_ndarray(values)
+
+
+def _tensor(array: Array) -> torch.Tensor:
+    if array.stype == BITMASK_STYPE:
+        shape = tuple(int(size) for size in array.shape)
+        count = math.prod(shape)
+        packed = np.frombuffer(array.data, dtype=np.uint8)
+        if packed.size != (count + 7) // 8:
+            raise ValueError(f"a bitmask of shape {shape} needs {(count + 7) // 8} bytes, got {packed.size}")
+        return torch.from_numpy(np.unpackbits(packed, count=count).astype(np.bool_).reshape(shape))
+    values = array.numpy()
+    if not values.flags.writeable or not values.dtype.isnative:
+        values = values.astype(values.dtype.newbyteorder("="), copy=True)
+    return torch.from_numpy(values)
+
+
 def to_array_record(message: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """An ArrayRecord holding exactly ``message``'s tensors: same names, order, dtypes, values."""
+    """An ArrayRecord holding exactly ``message``'s tensors: same names, order, dtypes, values, each in its encoding."""
     record = ArrayRecord()
     for name, tensor in message.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
-        try:
-            array = tensor.detach().to("cpu").contiguous().numpy()
-        except TypeError as error:  # e.g. bfloat16 has no NumPy dtype
-            raise TypeError(f"{name}: dtype {tensor.dtype} cannot travel in an ArrayRecord ({error})") from None
-        record[name] = Array.from_numpy_ndarray(array)
+        record[name] = _array(name, tensor)
     return record
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """The named tensors of ``record`` (CPU tensors owning their memory)."""
-    message: dict[str, torch.Tensor] = {}
-    for name, array in record.items():
-        values = array.numpy()
-        if not values.flags.writeable or not values.dtype.isnative:
-            values = values.astype(values.dtype.newbyteorder("="), copy=True)
-        message[name] = torch.from_numpy(values)
-    return message
+    return {name: _tensor(array) for name, array in record.items()}
 
 
-def array_bits(array: Array) -> int:
-    """Payload bits of one array: numel x bits per element, from its metadata alone."""
-    return math.prod(int(size) for size in array.shape) * np.dtype(array.dtype).itemsize * 8
-
-
-def record_bits(record: ArrayRecord | None) -> int:
-    """Payload bits of a record; equals :func:`spafl.metrics.message_bits` of its tensors."""
+def record_payload_bits(record: ArrayRecord | None) -> int:
+    """Payload bits of a record that cannot be read back into tensors, from its arrays' metadata alone."""
     if record is None:
         return 0
-    return sum(array_bits(array) for array in record.values())
+    total = 0
+    for array in record.values():
+        try:
+            encoding = BITMASK if array.stype == BITMASK_STYPE else encoding_of(np.dtype(array.dtype).name)
+            total += encoded_bits(math.prod(int(size) for size in array.shape), encoding)
+        except (TypeError, ValueError):
+            total += 8 * len(array.data)
+    return total
+
+
+def wire_bytes(record: ArrayRecord) -> int:
+    """Bytes of ``record`` as Flower serializes it: every object of its tree (the record, its arrays, their chunks)."""
+    try:
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    except ImportError:  # another Flower layout: the arrays' data and names
+        return record.count_bytes()
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+
+
+def format_rounds(rounds: list[int]) -> str:
+    """Round indices as a ConfigRecord value: ``[2, 5]`` -> ``"2,5"`` (an empty list has no type on the wire)."""
+    return ",".join(str(int(r)) for r in rounds)
+
+
+def parse_rounds(text: str) -> list[int]:
+    return [int(part) for part in str(text).split(",") if part.strip()]
+
+
+def pack_rounds(messages: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Several rounds' messages as one: ``{7: {"delta/conv1": t}}`` -> ``{"7:delta/conv1": t}``."""
+    return {f"{round_index}:{name}": tensor for round_index, message in messages.items() for name, tensor in message.items()}
+
+
+def unpack_rounds(packed: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """Inverse of :func:`pack_rounds`, rounds in increasing order."""
+    messages: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in packed.items():
+        round_text, sep, name = key.partition(":")
+        if not sep:
+            raise ValueError(f"{key!r} is not a round's tensor name (expected '<round>:<name>')")
+        messages.setdefault(int(round_text), {})[name] = tensor
+    return dict(sorted(messages.items()))
 
 
 # -- nested states ------------------------------------------------------------------
@@ -189,6 +246,7 @@ class RunSettings:
     overrides: dict[str, str] = field(default_factory=dict)
     out_dir: str = ""
     round_timeout: float = 120.0
+    resume: bool = False
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
@@ -200,30 +258,14 @@ class RunSettings:
             raise UserError(f"run config round-timeout must be a number of seconds, got {values['round-timeout']!r}") from None
         if not (timeout > 0 and math.isfinite(timeout)):
             raise UserError(f"run config round-timeout must be > 0 seconds, got {timeout!r}")
-        return cls(preset=preset, overrides=parse_overrides(values["set"]), out_dir=str(values["out-dir"]), round_timeout=timeout)
+        resume = values["resume"]
+        if isinstance(resume, str):
+            if resume.strip().lower() not in ("true", "false", "1", "0", ""):
+                raise UserError(f"run config resume must be true or false, got {resume!r}")
+            resume = resume.strip().lower() in ("true", "1")
+        return cls(preset=preset, overrides=parse_overrides(values["set"]), out_dir=str(values["out-dir"]), round_timeout=timeout,
+                   resume=bool(resume))
 
     def config(self) -> Config:
         """The spafl config: preset, then the ``set`` overrides; validated."""
         return build_config(self.preset, overrides=self.overrides)
-
-
-# -- files --------------------------------------------------------------------------
-def write_bytes_atomic(path: str | Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so a crash (even SIGKILL) never leaves a half-written file.
-
-    A temporary file in the same directory is written, flushed and fsynced,
-    renamed over ``path`` (atomic on POSIX), and the directory is fsynced.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -8,7 +8,9 @@ Run config (``[tool.flwr.app.config]`` in pyproject.toml, ``--run-config``):
 * ``out-dir`` — the run directory (``config.json``, ``metrics.jsonl``,
   ``summary.json``, ``server.pt``); empty: ``runs/flower-<run id>`` under the
   ServerApp's working directory. A directory that already holds a run is refused;
-* ``round-timeout`` — seconds to wait for the replies of one exchange (default 120).
+* ``round-timeout`` — seconds to wait for the replies of one exchange (default 120);
+* ``resume`` — ``true``: continue the run in ``out-dir`` from its ``server.pt``
+  (after a ServerApp or SuperLink restart), with the same config.
 
 The ClientApps read the same run config, so both sides build the same spafl config.
 """
@@ -23,9 +25,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
-from spafl.engine.simulator import configure_threads
 from spafl.flower.records import RunSettings
 from spafl.flower.strategy import SpaFLStrategy
+from spafl.runtime.federation import configure_threads
 
 
 def run_server(grid: Grid, context: Context, run_overrides: Mapping[str, Any] | None = None) -> Result:
@@ -37,7 +39,7 @@ def run_server(grid: Grid, context: Context, run_overrides: Mapping[str, Any] | 
     out_dir = Path(settings.out_dir or f"runs/flower-{context.run_id}").expanduser().resolve()
     strategy = SpaFLStrategy(
         config, out_dir=out_dir, round_timeout=settings.round_timeout, preset=settings.preset,
-        run_config=run_config, run_id=context.run_id,
+        run_config=run_config, run_id=context.run_id, resume=settings.resume,
     )
     return strategy.start(grid)
 

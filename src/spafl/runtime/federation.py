@@ -1,18 +1,21 @@
-"""From a config to the federation: dataset, partition, per-client data, model spec.
+"""From a config to the federation: dataset, partition, per-client data, model spec; threads and device.
 
 Shared by every engine, so an in-process run and a Flower run see the same
-clients holding the same samples.
+clients holding the same samples, and compute with the same settings.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from spafl.algorithms.base import ClientData, ModelSpec
 from spafl.config import Config
 from spafl.data import Dataset, Partition, Preprocess, dirichlet_partition, iid_partition, load_dataset, preprocess_for
+from spafl.data.registry import dataset_info
 from spafl.errors import UserError
 from spafl.models import build_model, input_shape_for
 from spafl.seeding import derive_seed
@@ -25,6 +28,19 @@ class Federation:
     partition: Partition
     clients: list[ClientData]
     spec: ModelSpec
+
+
+def configure_threads(config: Config) -> int:
+    """Torch's CPU threads for this process: ``threads``, or one per core."""
+    threads = config.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def resolve_device(config: Config) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but CUDA is not available here; use --set device=cpu")
+    return torch.device(config.device)
 
 
 def model_spec(config: Config, dataset: Dataset) -> ModelSpec:
@@ -80,3 +96,9 @@ def build_federation(config: Config, dataset: Dataset | None = None, spec: Model
     partition = split(config, dataset)
     clients = [client_data(config, dataset, partition, k) for k in range(config.num_clients)]
     return Federation(config=config, dataset=dataset, partition=partition, clients=clients, spec=spec)
+
+
+def server_spec(config: Config) -> ModelSpec:
+    """The model spec from the config alone, for a server that holds no data (its nodes confirm shape and classes)."""
+    shape_only = SimpleNamespace(image_shape=input_shape_for(config.model), num_classes=dataset_info(config.dataset).num_classes)
+    return model_spec(config, shape_only)
