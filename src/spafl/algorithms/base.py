@@ -31,6 +31,7 @@ from torch import nn
 
 from spafl.config import SHARED_OWNERS, keys_of
 from spafl.data.transforms import Preprocess
+from spafl.metrics.evaluation import ClientEval, evaluate_client
 from spafl.nn.compact import set_compact
 from spafl.seeding import derive_seed
 
@@ -217,6 +218,15 @@ class Algorithm(ABC):
     @abstractmethod
     def evaluation_state(self, client: State, server: State) -> dict[str, torch.Tensor]:
         """The weights client ``client`` is evaluated with."""
+
+    def evaluate(self, weights: dict[str, torch.Tensor], data: ClientData, batch_size: int) -> ClientEval:
+        """Evaluate ``weights`` (from :meth:`evaluation_state`) on ``data``'s test split, with this algorithm's density.
+
+        The default loads them into the workspace and measures the density of
+        its masked layers' kept units; a method whose model is sliced or
+        masked per weight overrides this.
+        """
+        return evaluate_client(self.workspace(weights), data, batch_size, self.device)
 
     def validate_reply(self, server: State, reply: Reply) -> str | None:
         """Why a reply must be rejected (None: it is acceptable)."""

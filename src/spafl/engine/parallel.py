@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from spafl.algorithms.base import Algorithm, ClientData, ClientResult, ClientTask, Message, State
-from spafl.metrics.evaluation import ClientEval, evaluate_client
+from spafl.metrics.evaluation import ClientEval
 
 # what a forked worker inherited from the parent (set just before the fork)
 _inherited: dict[str, Any] = {}
@@ -125,7 +125,7 @@ def _train(job: TrainJob) -> tuple[ClientResult, ClientEval | None]:
 def _evaluate(job: tuple[int, dict[str, torch.Tensor]]) -> ClientEval:
     client_id, weights = job
     algorithm: Algorithm = _inherited["algorithm"]
-    return evaluate_client(algorithm.workspace(weights), _inherited["clients"][client_id], _inherited["eval_batch_size"], algorithm.device)
+    return algorithm.evaluate(weights, _inherited["clients"][client_id], _inherited["eval_batch_size"])
 
 
 def _take(counter, count: int) -> Iterator[int]:

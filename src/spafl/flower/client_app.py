@@ -54,7 +54,6 @@ from spafl.config import Config
 from spafl.data import Dataset, Partition, load_dataset
 from spafl.errors import UserError
 from spafl.flower import records as rec
-from spafl.metrics import evaluate_client
 from spafl.runtime.federation import client_data, configure_threads, model_spec, resolve_device, split
 from spafl.runtime.record import write_bytes_atomic
 
@@ -294,8 +293,7 @@ def handle_evaluate(message: Message, context: Context, run_overrides=None, node
     client = load_client(context, node, state_dir, config)
     if apply_broadcasts(node, client, message):
         save_client(context, node, state_dir, client, config)
-    model = node.algorithm.workspace(node.algorithm.evaluation_state(client.state, server))
-    evaluation = evaluate_client(model, node.data, node.config.eval_batch_size, node.algorithm.device)
+    evaluation = node.algorithm.evaluate(node.algorithm.evaluation_state(client.state, server), node.data, node.config.eval_batch_size)
     return _reply(message, node, client, rec.eval_to_metrics(evaluation))
 
 
