@@ -10,7 +10,7 @@ noise hits every configuration alike:
 
 * ``train_compact`` / ``infer_compact``: compact execution, trained as
   ``spafl run`` trains it (LeNet-5, a chain model: gradients by hand and
-  the momentum step from kept rows, ``spafl.nn.chain``; Conv4: autograd);
+  the momentum step from kept rows, ``spafl.fast.chain``; Conv4: autograd);
 * ``train_masked`` / ``infer_masked``: the dense layer times the 0/1 mask (autograd).
 
 Each figure is the median over rounds of the mean step time in a round.
@@ -31,10 +31,10 @@ import time
 
 import torch
 
-from spafl.nn.local_step import LocalStep
+from spafl import fast
+from spafl.algorithms.local_sgd import AutogradStep
 from spafl.models import build_model
 from spafl.nn import layer_densities, masked_layers
-from spafl.nn.compact import set_compact
 
 SETTINGS = {  # model -> (input shape, batch size of its paper setting)
     "lenet5": ((1, 28, 28), 64),
@@ -62,7 +62,8 @@ def make(name: str, density: float, compact: bool, seed: int = 0):
     shape, batch = SETTINGS[name]
     model = build_model(name, 10, shape[0])
     keep_fraction(model, density)
-    set_compact(model, compact)
+    if compact:
+        fast.enable(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trained, lr=1e-3, momentum=0.9)
     x = torch.randn(batch, *shape) * 50
@@ -72,7 +73,7 @@ def make(name: str, density: float, compact: bool, seed: int = 0):
 
 def train_steps(model, optimizer, x, y, steps: int) -> float:
     model.train()
-    step = LocalStep(model, optimizer)  # as spafl.algorithms.local_sgd.train_local takes a step
+    step = getattr(model, "training_step", AutogradStep)(model, optimizer)  # as spafl.algorithms.local_sgd.train_local takes a step
     began = time.perf_counter()
     for _ in range(steps):
         step.gradients(x, y)

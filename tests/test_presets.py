@@ -7,10 +7,11 @@ import torch
 from spafl.cli import main
 from spafl.config import build_config
 from spafl.data import Dataset, load_dataset
-from spafl.data.synthetic import write_fake_cifar
 from spafl.engine import Simulator
 from spafl.runtime.federation import build_federation
 from spafl.errors import UserError
+
+from tests.data.fakes import write_fake_cifar
 
 
 

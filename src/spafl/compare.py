@@ -81,8 +81,16 @@ def parse_seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
-def run_config(preset: str | None, config_file: str | None, overrides: dict[str, Any], spec: MethodSpec, seed: int | None) -> Config:
-    values = {**overrides, **dict(spec.overrides), "method": spec.method}
+def run_config(
+    preset: str | None, config_file: str | None, overrides: dict[str, Any] | None,
+    spec: MethodSpec | None = None, seed: int | None = None,
+) -> Config:
+    """The settings of a compare: preset, then TOML file, then the shared overrides; then ``spec``'s method
+    and its own overrides, and ``seed``, where given (without them: the settings every method starts from)."""
+    values = dict(overrides or {})
+    if spec is not None:
+        values.update(spec.overrides)
+        values["method"] = spec.method
     if seed is not None:
         values["seed"] = seed
     return build_config(preset, config_file, values)
@@ -104,9 +112,7 @@ def run_all(
     from spafl.engine import Simulator
     from spafl.runtime.federation import build_federation
 
-    overrides = dict(overrides or {})
-    base = build_config(preset, config_file, overrides)
-    seeds = seeds or [base.seed]
+    seeds = seeds or [run_config(preset, config_file, overrides).seed]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     datasets: dict[tuple[str, str], Any] = {}
@@ -223,53 +229,45 @@ def _mean_curve(per_seed: list[list[dict[str, Any]]], key: str, evaluated_only: 
 
 
 def plot(runs: dict[str, dict[int, Path]], out: Path, rows: list[dict[str, Any]]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from spafl.report import line_figure
 
     curves = _curves(runs)
     color = {label: f"C{index % 10}" for index, label in enumerate(curves)}  # one colour per method in every figure
-    written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, per_seed in curves.items():
-        xs, ys = _mean_curve(per_seed, "accuracy")
-        ax.plot(xs, ys, marker=".", label=label, color=color[label])
-    floor = _mean([r["_majority"] for r in rows])
-    ax.axhline(floor, color="grey", linestyle="--", label="majority-class floor")
-    ax.set(xlabel="round", ylabel="accuracy (%), mean over clients", title="Learning curves")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    written.append(_save(fig, out / "accuracy.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    silent = []
+    def style(label: str) -> dict[str, Any]:
+        return {"marker": ".", "label": label, "color": color[label]}
+
+    def mean_lines(key: str) -> list[tuple[list[float], list[float], dict[str, Any]]]:
+        return [(*_mean_curve(per_seed, key), style(label)) for label, per_seed in curves.items()]
+
+    figure = {"size": (7, 4.5), "legend": {"fontsize": 8}}
+    floor = _mean([r["_majority"] for r in rows])
+    written = [line_figure(
+        out / "accuracy.png", mean_lines("accuracy"), hline=(floor, {"color": "grey", "linestyle": "--", "label": "majority-class floor"}),
+        xlabel="round", ylabel="accuracy (%), mean over clients", title="Learning curves", **figure,
+    )]
+
+    lines, silent = [], []
     for label, per_seed in curves.items():
         evaluated = [r for r in per_seed[0] if r["evaluated"] and r["bits_cum"] > 0]
         if not evaluated:
             silent.append(label)
             continue
-        xs, accuracy = _mean_curve(per_seed, "accuracy")
+        _, accuracy = _mean_curve(per_seed, "accuracy")
         _, bits = _mean_curve(per_seed, "bits_cum")
         points = [(b / 1e9, a) for b, a in zip(bits, accuracy) if b > 0]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label, color=color[label])
-    ax.set_xscale("log")
+        lines.append(([p[0] for p in points], [p[1] for p in points], style(label)))
     title = "Accuracy vs communication"
     if silent:
         title += f" (no communication: {', '.join(silent)})"
-    ax.set(xlabel="cumulative communication (Gbit, log scale)", ylabel="accuracy (%)", title=title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    written.append(_save(fig, out / "communication.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, per_seed in curves.items():
-        xs, ys = _mean_curve(per_seed, "density")
-        ax.plot(xs, ys, marker=".", label=label, color=color[label])
-    ax.set(xlabel="round", ylabel="density (layer-mean kept fraction)", title="Model density", ylim=(0, 1.05))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    written.append(_save(fig, out / "density.png"))
+    written.append(line_figure(
+        out / "communication.png", lines, xscale="log", grid="both",
+        xlabel="cumulative communication (Gbit, log scale)", ylabel="accuracy (%)", title=title, **figure,
+    ))
+    written.append(line_figure(
+        out / "density.png", mean_lines("density"),
+        xlabel="round", ylabel="density (layer-mean kept fraction)", title="Model density", ylim=(0, 1.05), **figure,
+    ))
     return written
 
 
@@ -280,6 +278,8 @@ def plot_tradeoff(methods: list[MethodSpec], rows: list[dict[str, Any]], out: Pa
     ``spafl`` runs at the configured ``th_coeff``); drawn when there are at
     least two distinct values.
     """
+    from spafl.report import line_figure
+
     points = []
     by_label = {r["method"]: r for r in rows}
     for spec in methods:
@@ -288,32 +288,15 @@ def plot_tradeoff(methods: list[MethodSpec], rows: list[dict[str, Any]], out: Pa
             points.append((overrides.get("th_coeff", th_coeff), by_label[spec.label]))
     if len({coeff for coeff, _ in points}) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points.sort(key=lambda p: p[0])
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot([p[1]["density"] for p in points], [p[1]["accuracy_mean"] for p in points], marker="o")
-    for coeff, row in points:
-        ax.annotate(f"th_coeff={coeff:g}", (row["density"], row["accuracy_mean"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     fedavg = [r for r in rows if r["method"] == "fedavg"]
-    if fedavg:
-        ax.axhline(fedavg[0]["accuracy_mean"], color="grey", linestyle="--", label="FedAvg (dense)")
-        ax.legend(fontsize=8)
-    ax.set(xlabel="final density (layer-mean)", ylabel="final accuracy (%)", title="SpaFL: sparsity vs accuracy")
-    ax.grid(alpha=0.3)
-    return _save(fig, out / "tradeoff.png")
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return line_figure(
+        out / "tradeoff.png", [([p[1]["density"] for p in points], [p[1]["accuracy_mean"] for p in points], {"marker": "o"})],
+        size=(6, 4.5), notes=[(f"th_coeff={coeff:g}", (row["density"], row["accuracy_mean"])) for coeff, row in points],
+        hline=(fedavg[0]["accuracy_mean"], {"color": "grey", "linestyle": "--", "label": "FedAvg (dense)"}) if fedavg else None,
+        legend={"fontsize": 8} if fedavg else None,
+        xlabel="final density (layer-mean)", ylabel="final accuracy (%)", title="SpaFL: sparsity vs accuracy",
+    )
 
 
 def compare(
@@ -329,5 +312,5 @@ def compare(
     write_csv(out / "table.csv", rows)
     (out / "table.md").write_text(markdown(rows, f"{preset or 'custom'}: {len(next(iter(runs.values())))} seed(s)"))
     plot(runs, out, rows)
-    plot_tradeoff(methods, rows, out, build_config(preset, config_file, overrides).th_coeff)
+    plot_tradeoff(methods, rows, out, run_config(preset, config_file, overrides).th_coeff)
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,48 +50,77 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_run(run_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def line_figure(
+    path: Path, lines: Iterable[tuple[Sequence[float], Sequence[float], dict[str, Any]]], *, size: tuple[float, float] = (6, 4),
+    hline: tuple[float, dict[str, Any]] | None = None, notes: Iterable[tuple[str, tuple[float, float]]] = (),
+    xscale: str | None = None, grid: str = "major", legend: dict[str, Any] | None = None, **axes: Any,
+) -> Path:
+    """One figure of lines, saved as ``path``.
+
+    ``lines``: ``(xs, ys, style)`` with matplotlib's plot keywords; ``hline``:
+    ``(y, style)`` of a horizontal reference line; ``notes``: ``(text, (x, y))``
+    written beside points; ``axes``: Axes properties (xlabel, ylabel, title,
+    ylim); ``legend``: the legend's keywords, None for no legend.
+    """
+    fig, ax = pyplot().subplots(figsize=size)
+    for xs, ys, style in lines:
+        ax.plot(xs, ys, **style)
+    if hline is not None:
+        ax.axhline(hline[0], **hline[1])
+    for text, xy in notes:
+        ax.annotate(text, xy, fontsize=8, xytext=(4, 4), textcoords="offset points")
+    if xscale is not None:
+        ax.set_xscale(xscale)
+    ax.set(**axes)
+    ax.grid(alpha=0.3, which=grid)
+    if legend is not None:
+        ax.legend(**legend)
+    return _save(fig, path)
+
+
+def plot_run(run_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
     run_dir = Path(run_dir)
     evaluated = [r for r in rows if r["evaluated"]]
     rounds = [r["round"] for r in evaluated]
-    written = []
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, [r["accuracy"] for r in evaluated], marker=".", label="accuracy (mean over clients)")
-    ax.plot(rounds, [r["accuracy_weighted"] for r in evaluated], linestyle=":", label="accuracy (sample-weighted)")
-    ax.plot(rounds, [r["accuracy_majority"] for r in evaluated], linestyle="--", color="grey", label="majority-class floor")
-    ax.set(xlabel="round", ylabel="test accuracy (%)", title="Personalized accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    written.append(_save(fig, run_dir / "accuracy.png"))
+    def series(key: str, **style: Any) -> tuple[list[int], list[float], dict[str, Any]]:
+        return rounds, [r[key] for r in evaluated], style
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, [r["density"] for r in evaluated], marker=".", label="layer-mean density")
-    ax.plot(rounds, [r["density_weighted"] for r in evaluated], label="parameter-weighted density")
-    ax.set(xlabel="round", ylabel="density (kept fraction)", title="Model density (mean over clients)", ylim=(0, 1.05))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    written.append(_save(fig, run_dir / "density.png"))
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["round"] for r in rows], [r["bits_cum"] / GIGA for r in rows])
-    ax.set(xlabel="round", ylabel="cumulative communication (Gbit)", title="Communication (down + up)")
-    ax.grid(alpha=0.3)
-    written.append(_save(fig, run_dir / "communication.png"))
-    return written
+    return [
+        line_figure(
+            run_dir / "accuracy.png",
+            [series("accuracy", marker=".", label="accuracy (mean over clients)"),
+             series("accuracy_weighted", linestyle=":", label="accuracy (sample-weighted)"),
+             series("accuracy_majority", linestyle="--", color="grey", label="majority-class floor")],
+            xlabel="round", ylabel="test accuracy (%)", title="Personalized accuracy", legend={},
+        ),
+        line_figure(
+            run_dir / "density.png",
+            [series("density", marker=".", label="layer-mean density"),
+             series("density_weighted", label="parameter-weighted density")],
+            xlabel="round", ylabel="density (kept fraction)", title="Model density (mean over clients)", ylim=(0, 1.05), legend={},
+        ),
+        line_figure(
+            run_dir / "communication.png", [([r["round"] for r in rows], [r["bits_cum"] / GIGA for r in rows], {})],
+            xlabel="round", ylabel="cumulative communication (Gbit)", title="Communication (down + up)",
+        ),
+    ]
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -119,12 +149,7 @@ def plot_patterns(run_dir: str | Path, layer: str) -> Path:
             units = int(saved[f"units/{layer}"])
             kept = np.unpackbits(saved[layer], axis=1, count=units).astype(bool)  # [clients, units]
         panels.append((int(path.stem.split("_")[1]), kept.T))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     for ax, (round_number, kept) in zip(axes[0], panels):
         ax.imshow(kept, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
         ax.set(title=f"round {round_number}: {kept.mean():.0%} kept", xlabel="client", ylabel=f"{layer} unit")

@@ -10,7 +10,7 @@ from torch import nn
 from spafl.algorithms import ClientTask, Reply, SpaFL
 from spafl.algorithms.local_sgd import round_lr
 from spafl.algorithms.spafl import add_penalty_gradient, importance_update, threshold_penalty_coefficient
-from spafl.nn.local_step import momentum_step, steps_by_rows
+from spafl.fast.step import momentum_step, steps_by_rows
 from spafl.config import build_config
 from spafl.metrics import message_bits
 from spafl.nn import MaskedConv2d, MaskedLinear, masked_layers

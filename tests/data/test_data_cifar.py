@@ -13,8 +13,9 @@ import torch
 
 from spafl.data import cifar, load_dataset
 from spafl.data.cifar import load_cifar
-from spafl.data.synthetic import fake_cifar_members, write_fake_cifar
 from spafl.errors import UserError
+
+from tests.data.fakes import fake_cifar_members, write_fake_cifar
 
 
 def _extract(tarball: Path, dest: Path) -> None:

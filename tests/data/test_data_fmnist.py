@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from spafl.data import fmnist
-from spafl.data.fmnist import FILES, load_fmnist, write_idx
-from spafl.data.synthetic import write_fake_fmnist
+from spafl.data.fmnist import FILES, load_fmnist
 from spafl.errors import UserError
+
+from tests.data.fakes import write_fake_fmnist, write_idx
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from spafl.data import cifar, fetch, fmnist, load_dataset, locate
-from spafl.data.synthetic import write_fake_cifar, write_fake_fmnist
 from spafl.errors import UserError
+
+from tests.data.fakes import write_fake_cifar, write_fake_fmnist
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import torch
 
 from spafl.data import DATASETS, Dataset, load_dataset, synthetic_dataset
 from spafl.data.fmnist import load_fmnist
-from spafl.data.synthetic import fake_cifar_members, write_fake_cifar, write_fake_fmnist
 from spafl.errors import UserError
+
+from tests.data.fakes import fake_cifar_members, write_fake_cifar, write_fake_fmnist
 
 
 def test_datasets_tuple():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spafl.models import MODELS, Conv4, LeNet5, ResNet18, ViT, build_model, input_shape_for
-from spafl.nn import MaskedLayer, masked_layers, model_density, num_masked_weights, num_thresholds
+from spafl.nn import MaskedLayer, configure_masking, masked_layers, model_density, num_masked_weights, num_thresholds
 
 # name -> (num_classes, in_channels, masked weights, thresholds, number of masked layers), SPEC §8
 EXPECTED = {
@@ -170,7 +170,7 @@ def test_lenet5_huge_threshold_zeroes_conv1_then_guard_resets():
 
 
 def test_lenet5_partial_pruning_zeroes_exactly_those_channels():
-    model = LeNet5(collapse_guard=False)
+    model = configure_masking(LeNet5(), collapse_guard=False)
     seen = _capture(model.conv1)
     pruned = torch.zeros(20, dtype=torch.bool)
     pruned[::2] = True
@@ -198,7 +198,7 @@ def test_vit_huge_threshold_zeroes_out_projection_including_bias():
 
 
 def test_lenet5_thresholds_get_gradients_identity_ste():
-    model = LeNet5(ste="identity")
+    model = configure_masking(LeNet5(), ste="identity")
     x = _batch("lenet5", n=8)
     y = torch.randint(0, 10, (8,))
     F.cross_entropy(model(x), y).backward()

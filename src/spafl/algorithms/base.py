@@ -32,7 +32,6 @@ from torch import nn
 from spafl.config import SHARED_OWNERS, keys_of
 from spafl.data.transforms import Preprocess
 from spafl.metrics.evaluation import ClientEval, evaluate_client
-from spafl.nn.compact import set_compact
 from spafl.seeding import derive_seed
 
 Message = dict[str, torch.Tensor]
@@ -164,12 +163,15 @@ class Algorithm(ABC):
         self.spec = spec
         self.device = torch.device(config.device)
         self._workspace: nn.Module | None = None
+        #: Applied to every model the algorithm builds; the engine sets it to switch execution speed on
+        #: (:func:`spafl.fast.enable`), the algorithm never looks at it.
+        self.prepare: Callable[[nn.Module], nn.Module] = lambda model: model
 
     # -- the model workspace: one module reused for every client --------------
     def workspace(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The shared working model, loaded with ``weights`` if given."""
         if self._workspace is None:
-            self._workspace = set_compact(self.spec.factory().to(self.device), self.config.execution == "fast")
+            self._workspace = self.prepare(self.spec.factory().to(self.device))
         if weights is not None:
             self._workspace.load_state_dict(weights)
         return self._workspace

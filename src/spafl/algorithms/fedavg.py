@@ -35,8 +35,8 @@ by samples.
 
 from __future__ import annotations
 
-import torch
 
+from spafl.algorithms.aggregate import weighted_mean
 from spafl.algorithms.base import ClientResult, pack, unpack
 from spafl.algorithms.dense import WEIGHTS, DenseAlgorithm
 
@@ -74,15 +74,9 @@ class FedAvg(DenseAlgorithm):
         if not replies:
             return server
         weights = [float(r.num_samples) for r in replies]
-        if sum(weights) <= 0:
-            weights = [1.0] * len(replies)
-        total = sum(weights)
         model = dict(server["model"])
-        for name in self.weight_names:
-            mean = torch.zeros(model[name].shape, dtype=torch.float64)
-            for reply, weight in zip(replies, weights):
-                mean.add_(reply.message[WEIGHTS + name].to(torch.float64), alpha=weight / total)
-            model[name] = mean.to(model[name].dtype)
+        for name in self.weight_names:  # validate_reply made every reply's dtype the model's
+            model[name] = weighted_mean([reply.message[WEIGHTS + name] for reply in replies], weights)
         return {"model": model}
 
     def evaluation_state(self, client, server):

@@ -5,9 +5,10 @@ plain SGD comes in as :class:`Hooks` (SpaFL's threshold schedule, penalty
 and clipping are its hooks). The optimizer is momentum SGD at the round's
 learning rate (:func:`round_lr`), fresh each round or resumed from the
 client's saved state (:func:`client_optimizer`, ``optimizer_scope``); global
-gradient-norm clipping is ``grad_clip``. Each step goes through
-:class:`spafl.nn.local_step.LocalStep`, by hand for a chain model under compact
-execution, by autograd otherwise, with the same results.
+gradient-norm clipping is ``grad_clip``. A step is the model's
+``training_step`` where the engine gave it one (compact execution:
+:class:`spafl.fast.LocalStep`, the same results computed faster), else
+:class:`AutogradStep`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spafl.algorithms.base import ClientData, ClientTask, State
 from spafl.data.batches import train_batches
-from spafl.nn.local_step import LocalStep
 from spafl.seeding import generator
 
 
@@ -37,6 +38,25 @@ class Hooks:
 
 
 NO_HOOKS = Hooks()
+
+
+class AutogradStep:
+    """One SGD step by autograd: the loss's gradients into ``.grad`` (:meth:`gradients`), then ``optimizer.step()``.
+
+    Between the two, the ``.grad`` of every parameter may be changed (hooks, clipping).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def gradients(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(self.model(inputs), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
+    def update(self) -> None:
+        self.optimizer.step()
 
 
 def round_lr(lr: float, lr_decay: float, lr_min: float, round_index: int) -> float:
@@ -99,7 +119,7 @@ def train_local(
     rng = generator(task.seed, "client_train", task.client_id, task.round_index)
     skip_singletons = has_batchnorm(model)
     model.train()
-    step = LocalStep(model, optimizer, grad_clip)
+    step = getattr(model, "training_step", AutogradStep)(model, optimizer, grad_clip)
     total_loss = 0.0
     steps = 0
     for epoch in range(epochs):

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from spafl.algorithms.aggregate import stacked_mean
 from spafl.algorithms.base import Algorithm, ClientResult, Message, State, check_named_tensors, pack, unpack
 from spafl.algorithms.local_sgd import Hooks, client_optimizer, export_optimizer, train_local
 from spafl.metrics.flops import batches_per_epoch, dense_macs_per_sample, training_flops
@@ -206,12 +207,7 @@ class SpaFL(Algorithm):
             weights = [float(r.num_samples) for r in replies]
         else:
             weights = [1.0] * len(replies)
-        total = sum(weights)
-        new = {}
-        for name in old:
-            stacked = torch.stack([unpack(THRESHOLDS, r.message)[name].to(old[name].dtype) for r in replies])
-            coefficients = torch.tensor(weights, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1))) / total
-            new[name] = (stacked * coefficients).sum(dim=0)
+        new = {name: stacked_mean([unpack(THRESHOLDS, r.message)[name].to(old[name].dtype) for r in replies], weights) for name in old}
         return {"thresholds": new, "delta": {name: new[name] - old[name] for name in old}}
 
     def evaluation_state(self, client, server):

@@ -15,7 +15,8 @@ from spafl.registry import lazy_attributes
 from spafl.data.registry import DATASET_INFO, DATASETS, DatasetInfo, check_name, dataset_info
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names are resolved by __getattr__
-    from spafl.data.datasets import Dataset, load_dataset
+    from spafl.data.datasets import Dataset
+    from spafl.data.load import load_dataset
     from spafl.data.locate import fetch
     from spafl.data.partition import Partition, dirichlet_partition, iid_partition
     from spafl.data.synthetic import synthetic_dataset
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names are resol
 # public name -> module that defines it
 _LAZY = {
     "Dataset": "spafl.data.datasets",
-    "load_dataset": "spafl.data.datasets",
+    "load_dataset": "spafl.data.load",
     "fetch": "spafl.data.locate",
     "Partition": "spafl.data.partition",
     "dirichlet_partition": "spafl.data.partition",

@@ -1,15 +1,14 @@
-"""The in-memory dataset record and the one entry point that loads a dataset by name."""
+"""The in-memory dataset record (:func:`spafl.data.load.load_dataset` loads one by name)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from spafl.data.registry import DATASETS, check_name
 
-__all__ = ["DATASETS", "Dataset", "check_name", "load_dataset"]  # DATASETS, check_name: see spafl.data.registry
+__all__ = ["DATASETS", "Dataset", "check_name"]  # DATASETS, check_name: see spafl.data.registry
 
 
 @dataclass
@@ -52,28 +51,3 @@ class Dataset:
     def image_shape(self) -> tuple[int, ...]:
         """Shape of one input: (C, H, W) for images."""
         return tuple(int(size) for size in self.train_x.shape[1:])
-
-
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True) -> Dataset:
-    """Load dataset ``name`` (one of :data:`DATASETS`).
-
-    Where the files come from is decided by :func:`spafl.data.locate.locate`:
-    ``data_dir`` when given (authoritative), else ``$SPAFL_DATA``,
-    ``~/.cache/spafl``, Debian's Fashion-MNIST package, and finally a verified
-    download when ``download`` is true. ``"synthetic"`` needs no files.
-    """
-    check_name(name)
-    if name == "synthetic":
-        from spafl.data.synthetic import synthetic_dataset
-
-        return synthetic_dataset()
-    from spafl.data.locate import locate
-
-    directory = locate(name, data_dir, download=download)
-    if name == "fmnist":
-        from spafl.data.fmnist import load_fmnist
-
-        return load_fmnist(directory)
-    from spafl.data.cifar import load_cifar
-
-    return load_cifar(directory, name)

@@ -1,4 +1,4 @@
-"""Fashion-MNIST: reader (and writer) for the official gzip-compressed IDX files.
+"""Fashion-MNIST: reader for the official gzip-compressed IDX files (the writer tests use: tests/data/fakes.py).
 
 IDX layout (big-endian): two zero bytes, one type byte (0x08 = uint8), one
 byte with the number of dimensions d, then d uint32 sizes, then the data in
@@ -7,7 +7,6 @@ C order. Images are ``idx3`` (N, rows, cols), labels ``idx1`` (N,).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import struct
@@ -180,10 +179,3 @@ def verify_file(path: str | os.PathLike, name: str | None = None) -> None:
     got = decompressed_sha256(path)
     if got != expected:
         raise UserError(f"{name}: decompressed SHA-256 {got} does not match the official {expected}")
-
-
-def write_idx(path: str | os.PathLike, array: np.ndarray, compresslevel: int = 1) -> None:
-    """Write a uint8 array as a gzip-compressed IDX file (the official Fashion-MNIST format)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    Path(path).write_bytes(gzip.compress(header + array.tobytes(), compresslevel=compresslevel))

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from spafl.data import cifar, fmnist
-from spafl.data.datasets import check_name
+from spafl.data.registry import check_name
 from spafl.errors import UserError
 
 DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spafl.algorithms import ALGORITHMS, Algorithm, ClientTask, Message, State
+from spafl.algorithms import Algorithm, ClientTask, Message, State
 from spafl.config import Config
 from spafl.engine import checkpoint as ckpt
 from spafl.engine.parallel import ClientRunner, resolve_workers
@@ -27,7 +27,7 @@ from spafl.engine.progress import Progress
 from spafl.engine.store import Clients, choose_store, make_store
 from spafl.metrics import GIGA, ClientEval, message_bits, summarize
 from spafl.nn import masked_layers
-from spafl.runtime.federation import Federation, build_federation, configure_threads, resolve_device
+from spafl.runtime.federation import Federation, build_federation, configure_threads, make_algorithm, resolve_device
 from spafl.runtime.round import Exchange, Received, RoundLoop, RunState, Transport, run_state_of
 from spafl.seeding import derive_seed
 
@@ -49,7 +49,7 @@ class Simulator(Transport):
         self.threads = configure_threads(config)
         resolve_device(config)
         self.federation = federation or build_federation(config)
-        self.algorithm: Algorithm = ALGORITHMS[config.method](config, self.federation.spec)
+        self.algorithm: Algorithm = make_algorithm(config, self.federation.spec)
         self.show_progress = progress
         self.evaluated_clients = evaluation_clients(config)
         self.workers = resolve_workers(config.workers, config.device, config.clients_per_round)

@@ -49,12 +49,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from spafl.algorithms import ALGORITHMS, Algorithm, ClientData, ClientTask
+from spafl.algorithms import Algorithm, ClientData, ClientTask
 from spafl.config import Config
 from spafl.data import Dataset, Partition, load_dataset
 from spafl.errors import UserError
 from spafl.flower import records as rec
-from spafl.runtime.federation import client_data, configure_threads, model_spec, resolve_device, split
+from spafl.runtime.federation import client_data, configure_threads, make_algorithm, model_spec, resolve_device, split
 from spafl.runtime.record import write_bytes_atomic
 
 STATE_KEY = "spafl.client"  # ConfigRecord in context.state: {"payload": bytes}
@@ -110,7 +110,7 @@ def node_setup(context: Context, run_overrides: Mapping[str, Any] | None = None,
         dataset = _dataset(config)
         if key[0] not in _ALGORITHMS:  # one split and one algorithm (model workspace) per config, shared by the nodes of a process
             _PARTITIONS[key[0]] = split(config, dataset)
-            _ALGORITHMS[key[0]] = ALGORITHMS[config.method](config, model_spec(config, dataset))
+            _ALGORITHMS[key[0]] = make_algorithm(config, model_spec(config, dataset))
         data = client_data(config, dataset, _PARTITIONS[key[0]], partition_id)
         _NODES[key] = _Node(config, partition_id, _ALGORITHMS[key[0]], data, dataset)
     return _NODES[key]

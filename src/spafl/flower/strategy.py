@@ -35,7 +35,8 @@ from spafl.algorithms import ALGORITHMS, Algorithm, State
 from spafl.config import Config
 from spafl.errors import UserError
 from spafl.flower import records as rec
-from spafl.flower.transport import SERVER_STATE_FILE, GridTransport, read_replies
+from spafl.flower.replies import read_replies
+from spafl.flower.transport import SERVER_STATE_FILE, GridTransport
 from spafl.runtime.federation import server_spec
 from spafl.runtime.record import CONFIG, claim_run_dir, write_run_config
 from spafl.runtime.round import RoundLoop

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from spafl.nn import masked_layers
-from spafl.nn.kernels import conv_output_size
+from spafl.nn.shapes import conv_output_size
 
 
 def _conv_output_size(conv: nn.Conv2d, size) -> tuple[int, int]:

@@ -41,8 +41,6 @@ INPUT_SHAPES: dict[str, tuple[int, int, int]] = {name: shape for name, (_, shape
 _LAZY = {target.partition(":")[2]: target.partition(":")[0] for target, _ in _TABLE.values()}
 
 
-
-
 def _check_name(name: str) -> str:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
@@ -56,13 +54,16 @@ def build_model(
     ste: str = "identity",
     collapse_guard: bool = True,
 ) -> nn.Module:
-    """Build model ``name`` (a key of :data:`MODELS`) with its SPEC §8 architecture.
+    """Build model ``name`` (a key of :data:`MODELS`) with its SPEC §8 architecture, its masked layers
+    using estimator ``ste`` and the collapse guard as given (:func:`spafl.nn.configure_masking`).
 
     Raises ``ValueError`` for an unknown name (listing the known ones) or an
     unknown straight-through estimator.
     """
-    cls = MODELS[_check_name(name)]
-    return cls(num_classes=num_classes, in_channels=in_channels, ste=ste, collapse_guard=collapse_guard)
+    from spafl.nn import configure_masking
+
+    model = MODELS[_check_name(name)](num_classes=num_classes, in_channels=in_channels)
+    return configure_masking(model, ste=ste, collapse_guard=collapse_guard)
 
 
 def input_shape_for(name: str) -> tuple[int, int, int]:

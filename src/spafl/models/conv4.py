@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spafl.nn import MaskedConv2d, MaskedLinear
-from spafl.nn.compact import CompactBatchNorm1d, CompactBatchNorm2d, flatten, relu, relu_max_pool2d
 
 
 class Conv4(nn.Module):
@@ -27,47 +28,29 @@ class Conv4(nn.Module):
     Because BN follows every masked layer but the last, a pruned unit outputs
     the BN shift β rather than 0 (SPEC §2). With ``num_classes=10`` that is
     804,800 masked weights and 650 thresholds.
-
-    Compact execution (:mod:`spafl.nn.compact`) drops pruned units in
-    evaluation, while thresholds are frozen, and while the estimator's
-    derivative is 0 at every pruned unit; a pruned channel then reaches the
-    next layer as the constant ReLU(BN(0)). With ``ste=identity`` and
-    thresholds training, every unit is computed (dropping would not be exact).
     """
 
-    compact_roles = {
-        "conv1": "norm", "conv2": "norm", "conv3": "norm", "conv4": "norm", "fc1": "norm", "fc2": "norm", "fc3": "logits",
-    }
-
-    def __init__(
-        self,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        ste: str = "identity",
-        collapse_guard: bool = True,
-    ) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        masked = {"ste": ste, "collapse_guard": collapse_guard}
-        self.conv1 = MaskedConv2d(in_channels, 64, 5, bias=False, **masked)
-        self.bn1 = CompactBatchNorm2d(64)
-        self.conv2 = MaskedConv2d(64, 64, 5, bias=False, **masked)
-        self.bn2 = CompactBatchNorm2d(64)
-        self.conv3 = MaskedConv2d(64, 128, 5, bias=False, **masked)
-        self.bn3 = CompactBatchNorm2d(128)
-        self.conv4 = MaskedConv2d(128, 128, 5, bias=False, **masked)
-        self.bn4 = CompactBatchNorm2d(128)
-        self.fc1 = MaskedLinear(128 * 2 * 2, 128, bias=False, **masked)
-        self.bn5 = CompactBatchNorm1d(128)
-        self.fc2 = MaskedLinear(128, 128, bias=False, **masked)
-        self.bn6 = CompactBatchNorm1d(128)
-        self.fc3 = MaskedLinear(128, num_classes, bias=False, **masked)
+        self.conv1 = MaskedConv2d(in_channels, 64, 5, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.conv2 = MaskedConv2d(64, 64, 5, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.conv3 = MaskedConv2d(64, 128, 5, bias=False)
+        self.bn3 = nn.BatchNorm2d(128)
+        self.conv4 = MaskedConv2d(128, 128, 5, bias=False)
+        self.bn4 = nn.BatchNorm2d(128)
+        self.fc1 = MaskedLinear(128 * 2 * 2, 128, bias=False)
+        self.bn5 = nn.BatchNorm1d(128)
+        self.fc2 = MaskedLinear(128, 128, bias=False)
+        self.bn6 = nn.BatchNorm1d(128)
+        self.fc3 = MaskedLinear(128, num_classes, bias=False)
 
     def forward(self, x):
-        fused = self.conv1.compact  # compact execution: a faster, bit-identical max_pool2d(relu(.), 2)
-        x = relu(self.bn1(self.conv1(x)))
-        x = relu_max_pool2d(self.bn2(self.conv2(x)), 2, fused)
-        x = relu(self.bn3(self.conv3(x)))
-        x = relu_max_pool2d(self.bn4(self.conv4(x)), 2, fused)
-        x = relu(self.bn5(self.fc1(flatten(x))))
-        x = relu(self.bn6(self.fc2(x)))
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = F.max_pool2d(F.relu(self.bn4(self.conv4(x))), 2)
+        x = F.relu(self.bn5(self.fc1(torch.flatten(x, 1))))
+        x = F.relu(self.bn6(self.fc2(x)))
         return self.fc3(x)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spafl.nn import MaskedConv2d, MaskedLinear
-from spafl.nn.compact import flatten, relu
 
 
 class LeNet5(nn.Module):
@@ -18,32 +19,17 @@ class LeNet5(nn.Module):
     SPEC §2) and have no bias, as in the reference. With ``num_classes=10``
     and ``in_channels=1`` that is 430,500 masked weights and 580 thresholds.
     There is no unmasked parameter.
-
-    Every hidden masked layer feeds a ReLU directly, so compact execution
-    (:mod:`spafl.nn.compact`) drops pruned units exactly even while
-    thresholds train; the last layer computes all logits.
     """
 
-    compact_roles = {"conv1": "relu", "conv2": "relu", "fc1": "relu", "fc2": "logits"}
-    #: ``forward`` as stages, for the hand-written training step (spafl.nn.chain)
-    chain = (("conv1", "relu_pool2"), ("conv2", "relu_pool2"), ("fc1", "relu"), ("fc2", "logits"))
-
-    def __init__(
-        self,
-        num_classes: int = 10,
-        in_channels: int = 1,
-        ste: str = "identity",
-        collapse_guard: bool = True,
-    ) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
-        masked = {"ste": ste, "collapse_guard": collapse_guard}
-        self.conv1 = MaskedConv2d(in_channels, 20, 5, bias=False, **masked)
-        self.conv2 = MaskedConv2d(20, 50, 5, bias=False, **masked)
-        self.fc1 = MaskedLinear(50 * 4 * 4, 500, bias=False, **masked)
-        self.fc2 = MaskedLinear(500, num_classes, bias=False, **masked)
+        self.conv1 = MaskedConv2d(in_channels, 20, 5, bias=False)
+        self.conv2 = MaskedConv2d(20, 50, 5, bias=False)
+        self.fc1 = MaskedLinear(50 * 4 * 4, 500, bias=False)
+        self.fc2 = MaskedLinear(500, num_classes, bias=False)
 
     def forward(self, x):
-        x = self.conv1(x, relu_pool=2)  # max_pool2d(relu(conv1(x)), 2): 28 → 24 → 12
-        x = self.conv2(x, relu_pool=2)  # 12 → 8 → 4
-        x = relu(self.fc1(flatten(x)))
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # 28 → 24 → 12
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # 12 → 8 → 4
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
         return self.fc2(x)

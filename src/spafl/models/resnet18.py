@@ -20,16 +20,15 @@ class PreActBlock(nn.Module):
     addition.
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int, ste: str, collapse_guard: bool) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
         super().__init__()
-        masked = {"ste": ste, "collapse_guard": collapse_guard}
         self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = MaskedConv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False, **masked)
+        self.conv1 = MaskedConv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = MaskedConv2d(planes, planes, 3, stride=1, padding=1, bias=False, **masked)
+        self.conv2 = MaskedConv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.shortcut: MaskedConv2d | None = None
         if stride != 1 or in_planes != planes:
-            self.shortcut = MaskedConv2d(in_planes, planes, 1, stride=stride, bias=False, **masked)
+            self.shortcut = MaskedConv2d(in_planes, planes, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))
@@ -65,19 +64,16 @@ class ResNet18(nn.Module):
         self,
         num_classes: int = 100,
         in_channels: int = 3,
-        ste: str = "identity",
-        collapse_guard: bool = True,
     ) -> None:
         super().__init__()
-        masked = {"ste": ste, "collapse_guard": collapse_guard}
-        self.conv1 = MaskedConv2d(in_channels, self.widths[0], 3, padding=1, bias=False, **masked)
+        self.conv1 = MaskedConv2d(in_channels, self.widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(self.widths[0])
         in_planes = self.widths[0]
         stages = []
         for planes, stride in zip(self.widths, self.strides):
             blocks = []
             for index in range(self.blocks_per_stage):
-                blocks.append(PreActBlock(in_planes, planes, stride if index == 0 else 1, ste, collapse_guard))
+                blocks.append(PreActBlock(in_planes, planes, stride if index == 0 else 1))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages

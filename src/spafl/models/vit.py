@@ -40,14 +40,14 @@ class PatchEmbedding(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a masked qkv projection (no bias) and a masked output projection (bias)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, ste: str, collapse_guard: bool) -> None:
+    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
         self.dim_head = dim_head
         self.scale = dim_head ** -0.5
-        self.to_qkv = MaskedLinear(dim, 3 * inner, bias=False, ste=ste, collapse_guard=collapse_guard)
-        self.to_out = MaskedLinear(inner, dim, bias=True, ste=ste, collapse_guard=collapse_guard)
+        self.to_qkv = MaskedLinear(dim, 3 * inner, bias=False)
+        self.to_out = MaskedLinear(inner, dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -61,10 +61,10 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """``MaskedLinear(dim, mlp_dim, bias) → GELU → MaskedLinear(mlp_dim, dim, bias)``."""
 
-    def __init__(self, dim: int, mlp_dim: int, ste: str, collapse_guard: bool) -> None:
+    def __init__(self, dim: int, mlp_dim: int) -> None:
         super().__init__()
-        self.fc1 = MaskedLinear(dim, mlp_dim, bias=True, ste=ste, collapse_guard=collapse_guard)
-        self.fc2 = MaskedLinear(mlp_dim, dim, bias=True, ste=ste, collapse_guard=collapse_guard)
+        self.fc1 = MaskedLinear(dim, mlp_dim, bias=True)
+        self.fc2 = MaskedLinear(mlp_dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -73,12 +73,12 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, ste: str, collapse_guard: bool) -> None:
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dim_head, ste, collapse_guard)
+        self.attn = Attention(dim, heads, dim_head)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = FeedForward(dim, mlp_dim, ste, collapse_guard)
+        self.mlp = FeedForward(dim, mlp_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -112,8 +112,6 @@ class ViT(nn.Module):
         dim_head: int = 64,
         mlp_dim: int = 256,
         in_channels: int = 3,
-        ste: str = "identity",
-        collapse_guard: bool = True,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -125,7 +123,7 @@ class ViT(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.pos_embedding, std=0.02)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, dim_head, mlp_dim, ste, collapse_guard) for _ in range(depth)
+            TransformerBlock(dim, heads, dim_head, mlp_dim) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)

@@ -85,6 +85,14 @@ def set_ste(model: nn.Module, ste: str) -> None:
         layer.ste = ste
 
 
+def configure_masking(model: nn.Module, ste: str = "identity", collapse_guard: bool = True) -> nn.Module:
+    """SpaFL's options for every masked layer of ``model``: its straight-through estimator and the collapse guard; returns ``model``."""
+    set_ste(model, ste)
+    for _, layer in masked_layers(model):
+        layer.collapse_guard = collapse_guard
+    return model
+
+
 def set_masking(model: nn.Module, enabled: bool) -> nn.Module:
     """Turn unit masking on or off in every masked layer (off: a plain dense model)."""
     for _, layer in masked_layers(model):

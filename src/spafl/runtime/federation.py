@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import torch
 
-from spafl.algorithms.base import ClientData, ModelSpec
+from spafl.algorithms import ALGORITHMS
+from spafl.algorithms.base import Algorithm, ClientData, ModelSpec
 from spafl.config import Config
 from spafl.data import Dataset, Partition, Preprocess, dirichlet_partition, iid_partition, load_dataset, preprocess_for
 from spafl.data.registry import dataset_info
@@ -41,6 +42,16 @@ def resolve_device(config: Config) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but CUDA is not available here; use --set device=cpu")
     return torch.device(config.device)
+
+
+def make_algorithm(config: Config, spec: ModelSpec) -> Algorithm:
+    """The configured algorithm; with ``execution=fast`` its models run compact (:func:`spafl.fast.enable`)."""
+    algorithm = ALGORITHMS[config.method](config, spec)
+    if config.execution == "fast":
+        from spafl import fast
+
+        algorithm.prepare = fast.enable
+    return algorithm
 
 
 def model_spec(config: Config, dataset: Dataset) -> ModelSpec:

@@ -3,8 +3,8 @@
 Autograd records every operator of the forward pass and then walks the
 recorded graph. On a small CPU that bookkeeping is a large share of a
 LeNet-5-sized step: about 300 operators, each costing 10-15 µs while
-recorded against 4-7 µs plain. A model whose forward is a plain chain
-declares it in a ``chain`` attribute, a tuple of ``(layer name, stage)``:
+recorded against 4-7 µs plain. For a model whose forward is a plain chain,
+:mod:`spafl.fast.models` records the chain, a tuple of ``(layer name, stage)``:
 
 ``"relu_pool2"``
     a :class:`~spafl.nn.MaskedConv2d` (stride 1, no bias) followed by ReLU
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spafl.nn.compact import Sliced, flatten
-from spafl.nn.kernels import (
+from spafl.fast.compact import Sliced, flatten
+from spafl.fast.kernels import (
     conv2d_backward,
     conv2d_forward,
     conv_relu_pool2x2_backward,
@@ -42,7 +42,7 @@ from spafl.nn.kernels import (
     relu_max_pool2x2_backward,
     relu_max_pool2x2_forward,
 )
-from spafl.nn.masked import CompactUnits, MaskedConv2d, MaskedLayer, MaskedLinear, compact_units, compact_units_backward
+from spafl.fast.layers import CompactConv2d, CompactLayer, CompactLinear, CompactUnits, compact_units, compact_units_backward
 
 #: The stages a ``chain`` may name.
 STAGES = ("relu_pool2", "relu", "logits")
@@ -51,14 +51,16 @@ STAGES = ("relu_pool2", "relu", "logits")
 _MEAN, _IGNORE = 1, -100
 
 
-def chain_stages(model: torch.nn.Module) -> list[tuple[MaskedLayer, str]] | None:
+def chain_stages(model: torch.nn.Module) -> list[tuple[CompactLayer, str]] | None:
     """The model's chain as ``(layer, stage)`` pairs when :func:`chain_gradients` applies to it; else None.
 
     It applies when the model declares a ``chain`` and every layer in it is
     masked, in compact execution, without bias, with a trainable weight, and
     of the kind its stage needs. A ``chain`` naming an unknown stage is an error.
     """
-    chain = getattr(model, "chain", None)
+    from spafl.fast.models import chain_of
+
+    chain = chain_of(model)
     if not chain:
         return None
     unknown = {stage for _, stage in chain if stage not in STAGES}
@@ -72,23 +74,23 @@ def chain_stages(model: torch.nn.Module) -> list[tuple[MaskedLayer, str]] | None
 
 
 def _applies(layer, stage: str, last: bool) -> bool:
-    if not isinstance(layer, MaskedLayer) or not (layer.compact and layer.masking):
+    if not isinstance(layer, CompactLayer) or not layer.masking:
         return False
     if layer.bias is not None or not layer.weight.requires_grad or (stage == "logits") != last:
         return False
     if stage == "relu_pool2":
         return (
-            isinstance(layer, MaskedConv2d) and layer.compact_role == "relu" and layer.groups == 1
+            isinstance(layer, CompactConv2d) and layer.compact_role == "relu" and layer.groups == 1
             and layer.stride == (1, 1) and layer.dilation == (1, 1) and not isinstance(layer.padding, str)
         )
-    return isinstance(layer, MaskedLinear) and layer.compact_role == ("relu" if stage == "relu" else "logits")
+    return isinstance(layer, CompactLinear) and layer.compact_role == ("relu" if stage == "relu" else "logits")
 
 
 @dataclass
 class _Step:
     """What one stage's backward needs from its forward."""
 
-    layer: MaskedLayer
+    layer: CompactLayer
     stage: str
     units: CompactUnits
     weight: torch.Tensor  # the computed units' weights (W[rows], or W * m)
@@ -107,7 +109,7 @@ RowGradients = dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
 def chain_gradients(
-    stages: list[tuple[MaskedLayer, str]], inputs: torch.Tensor, labels: torch.Tensor, rows: RowGradients | None = None
+    stages: list[tuple[CompactLayer, str]], inputs: torch.Tensor, labels: torch.Tensor, rows: RowGradients | None = None
 ) -> torch.Tensor:
     """The mean cross-entropy of the chain's logits; every weight's and training threshold's gradient is added to ``.grad``.
 
@@ -133,7 +135,7 @@ def _chain_gradients(stages, plans: list[CompactUnits], inputs: torch.Tensor, la
     for position, ((layer, stage), units) in enumerate(zip(stages, plans)):
         weight, _ = compact_units(layer.weight, None, units.rows, units.mask)
         input_shape = x.shape
-        if isinstance(layer, MaskedLinear) and x.dim() > 2:
+        if isinstance(layer, CompactLinear) and x.dim() > 2:
             if sliced is not None:
                 sliced = flatten(sliced.with_values(x, None))
             x = x.flatten(1)
@@ -141,7 +143,7 @@ def _chain_gradients(stages, plans: list[CompactUnits], inputs: torch.Tensor, la
         used = weight if index is None else weight.index_select(1, index)
         step = _Step(layer, stage, units, weight, used, index, x, input_shape)
         if stage == "relu_pool2":
-            assert isinstance(layer, MaskedConv2d)
+            assert isinstance(layer, CompactConv2d)
             step.fused = layer.unfolds(position > 0)
             if step.fused:
                 out, step.saved = conv_relu_pool2x2_forward(x, used, layer.padding)
@@ -173,7 +175,7 @@ def _backward(step: _Step, grad: torch.Tensor, input_needs_grad: bool, rows: Row
     layer, units, x = step.layer, step.units, step.inputs
     grad_x = None
     if step.stage == "relu_pool2":
-        assert isinstance(layer, MaskedConv2d)
+        assert isinstance(layer, CompactConv2d)
         if step.fused:
             grad_used = conv_relu_pool2x2_backward(step.saved, grad)
         else:

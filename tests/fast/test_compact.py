@@ -16,7 +16,8 @@ from torch import nn
 
 from spafl.models import build_model
 from spafl.nn import MaskedConv2d, MaskedLinear, masked_layers
-from spafl.nn.compact import Sliced, flatten, relu, set_compact
+from spafl.fast import enable as set_compact
+from spafl.fast.compact import Sliced, flatten, relu
 
 SHAPES = {"lenet5": (10, (1, 28, 28)), "conv4": (10, (3, 32, 32)), "resnet18": (100, (3, 32, 32)), "vit": (10, (3, 32, 32))}
 

@@ -35,17 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-def conv_output_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
-    """Height and width of a conv's output for an input of spatial ``size`` (integer padding)."""
-    kernel, stride, padding, dilation = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
-    return tuple(  # type: ignore[return-value]
-        (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in (0, 1)
-    )
+from spafl.nn.shapes import conv_output_size, pair as _pair
 
 
 def _windows(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation) -> tuple[torch.Tensor, int, int]:

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spafl.nn import kernels
-from spafl.nn.kernels import relu_max_pool2x2, unfolded_conv2d, unfolded_conv_relu_pool2x2
+from spafl.fast import kernels
+from spafl.fast.kernels import relu_max_pool2x2, unfolded_conv2d, unfolded_conv_relu_pool2x2
 
 
 def integers(*shape, low=-2, high=3, seed=0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""One local SGD step: gradients by hand for a chain model (:mod:`spafl.nn.chain`), by autograd otherwise.
+"""One local SGD step: gradients by hand for a chain model (:mod:`spafl.fast.chain`), by autograd otherwise.
 
 With plain momentum SGD and no gradient clipping, a chain model's step is
 also updated from its kept rows' gradients alone (:func:`momentum_step`),
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spafl.nn.chain import RowGradients, chain_gradients, chain_stages
+from spafl.fast.chain import RowGradients, chain_gradients, chain_stages
 
 
 def steps_by_rows(optimizer: torch.optim.Optimizer) -> bool:
@@ -82,7 +82,7 @@ class LocalStep:
     """A local SGD step's gradients and update: by hand for a chain model, by autograd otherwise.
 
     A model that is a chain of masked layers in compact execution is
-    differentiated by hand (:mod:`spafl.nn.chain`, bit-identical to
+    differentiated by hand (:mod:`spafl.fast.chain`, bit-identical to
     autograd); plain momentum SGD without gradient clipping then updates it
     from the kept rows' gradients (:func:`momentum_step`, bit-identical to
     ``optimizer.step()``). Between :meth:`gradients` and :meth:`update`, the

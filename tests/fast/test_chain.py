@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from spafl.algorithms import ClientData, ClientTask
-from spafl.algorithms.local_sgd import Hooks, train_local
+from spafl.algorithms.local_sgd import AutogradStep, Hooks, train_local
 from spafl.algorithms.spafl import add_penalty_gradient
 from spafl.data import preprocess_for
 from spafl.models import build_model
-from spafl.nn import STE_NAMES, kernels, masked_layers
-from spafl.nn.chain import chain_gradients, chain_stages
-from spafl.nn.compact import set_compact
+from spafl.fast import disable, kernels, models as fast_models
+from spafl.fast import enable as set_compact
+from spafl.fast.chain import chain_gradients, chain_stages
+from spafl.models import LeNet5
+from spafl.nn import STE_NAMES, masked_layers
 
 
 def lenet(ste: str, pruning: str) -> torch.nn.Module:
@@ -118,18 +121,18 @@ def test_the_pruning_fixture_takes_each_path_of_the_logits_layer():
     assert frozen.fc2.computed_units == 5  # frozen thresholds: pruned logits are constants 0
 
 
-def test_chain_applies_only_to_compact_chains_with_trainable_weights():
+def test_chain_applies_only_to_compact_chains_with_trainable_weights(monkeypatch):
     model = lenet("identity", "mixed")
     assert chain_stages(model) is not None
-    assert chain_stages(set_compact(copy.deepcopy(model), False)) is None  # the masked dense (reference) path
+    assert chain_stages(disable(copy.deepcopy(model))) is None  # the masked dense (reference) path
     frozen = copy.deepcopy(model)
     frozen.conv2.weight.requires_grad_(False)
     assert chain_stages(frozen) is None
     assert chain_stages(set_compact(build_model("conv4", 10, 3))) is None  # declares no chain
-    wrong = copy.deepcopy(model)
-    wrong.chain = (("conv1", "relu_pool2"), ("fc2", "softmax"))
+    wrong = dataclasses.replace(fast_models.MODELS[LeNet5], chain=(("conv1", "relu_pool2"), ("fc2", "softmax")))
+    monkeypatch.setitem(fast_models.MODELS, LeNet5, wrong)
     with pytest.raises(ValueError, match="unknown stages \\['softmax'\\]; allowed: relu_pool2, relu, logits"):
-        chain_stages(wrong)
+        chain_stages(model)
 
 
 def test_train_local_by_hand_matches_autograd_over_two_epochs(threads):
@@ -141,7 +144,7 @@ def test_train_local_by_hand_matches_autograd_over_two_epochs(threads):
     for by_hand in (True, False):
         model = lenet("identity", "mixed")
         if not by_hand:
-            model.chain = None  # autograd
+            model.training_step = AutogradStep  # autograd through the same compact layers
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         thresholds = [layer.threshold for _, layer in masked_layers(model)]
 

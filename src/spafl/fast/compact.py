@@ -2,7 +2,7 @@
 
 A masked layer multiplies a pruned unit's weights by 0, so computing that
 unit is wasted work, and so is the next layer's work on the channel it
-feeds. With compact execution on (:func:`set_compact`), a masked layer
+feeds. With compact execution on (:func:`spafl.fast.enable`), a masked layer
 index-selects its kept output units and runs the smaller conv/linear; the
 next layer receives a :class:`Sliced` activation (only the kept channels)
 and uses only the matching input columns of its weight.
@@ -19,8 +19,8 @@ So dropping it is exact when
   constant (see :meth:`spafl.nn.MaskedLayer.masked_parameters`);
 * the estimator's derivative is 0 at every pruned unit (``outside_unit``
   where all pruned units have ``|s - tau| <= 1``: checked at every forward);
-* the unit's output goes straight into a ReLU (the model says so in its
-  ``compact_roles``): ReLU passes no gradient at 0.
+* the unit's output goes straight into a ReLU (the role :mod:`spafl.fast.models`
+  records for that layer of the model): ReLU passes no gradient at 0.
 
 It is *not* exact, and the layer computes every unit, for the last layer
 (a pruned logit still gets a cross-entropy gradient) and for a layer whose
@@ -35,12 +35,12 @@ next layer adds their contribution as a bias, which is exact for a linear
 layer and for a conv without padding. Anything else (a padded conv, an op
 that does not know :class:`Sliced`) materializes the full tensor.
 
-Which role each masked layer's output plays is declared by the model in a
-``compact_roles`` dict, and its ``forward`` uses :func:`relu`,
-:func:`max_pool2d`, :func:`flatten` and :class:`CompactBatchNorm2d`/``1d``,
-which accept plain tensors and :class:`Sliced` alike. A model without
-``compact_roles`` still gets compact evaluation: each layer computes its kept
-units and scatters them back into a zero tensor.
+Which role each masked layer's output plays, and a forward written with
+:func:`relu`, :func:`max_pool2d`, :func:`flatten` and
+:class:`CompactBatchNorm2d`/``1d`` (which accept plain tensors and
+:class:`Sliced` alike), are kept for the models spafl ships in
+:mod:`spafl.fast.models`. Any other model still gets compact evaluation:
+each layer computes its kept units and scatters them back into a zero tensor.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spafl.nn.kernels import relu_max_pool2x2
+from spafl.fast.kernels import relu_max_pool2x2
 
 #: Roles a model may declare for a masked layer's output.
 ROLES = ("relu", "norm", "logits")
@@ -107,7 +107,7 @@ def max_pool2d(x: torch.Tensor | Sliced, kernel_size: int) -> torch.Tensor | Sli
 def relu_max_pool2d(x: torch.Tensor | Sliced, kernel_size: int, fused: bool = False) -> torch.Tensor | Sliced:
     """``max_pool2d(relu(x), kernel_size)``; ``fused`` (compact execution) computes a 2 x 2 pool without ``max_pool2d``.
 
-    Both give bit-identical values and gradients (see :func:`spafl.nn.kernels.relu_max_pool2x2`).
+    Both give bit-identical values and gradients (see :func:`spafl.fast.kernels.relu_max_pool2x2`).
     """
     if not fused or kernel_size != 2:
         return max_pool2d(relu(x), kernel_size)
@@ -181,22 +181,3 @@ class CompactBatchNorm1d(_CompactBatchNorm, nn.BatchNorm1d):
 
 class CompactBatchNorm2d(_CompactBatchNorm, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that also accepts a :class:`Sliced` input (same parameters and state-dict keys)."""
-
-
-def set_compact(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Switch compact execution on or off for every masked layer of ``model``; returns ``model``.
-
-    Roles come from ``model.compact_roles`` (qualified layer name -> one of
-    :data:`ROLES`); layers without a role compute kept units and scatter them back.
-    """
-    from spafl.nn.masked import MaskedLayer
-
-    roles = dict(getattr(model, "compact_roles", {}))
-    unknown = {role for role in roles.values() if role not in ROLES}
-    if unknown:
-        raise ValueError(f"compact_roles has unknown roles {sorted(unknown)}; allowed: {', '.join(ROLES)}")
-    for name, module in model.named_modules():
-        if isinstance(module, MaskedLayer):
-            module.compact = enabled
-            module.compact_role = roles.get(name)
-    return model
