@@ -234,20 +234,13 @@ def test_flower_binaries_next_to_the_interpreter():
 # -- quick checks of the pieces (no Flower process) ----------------------------------
 
 
-@pytest.mark.parametrize("backend", ["cryptography", "openssl"])
-def test_generated_certificates_pass_a_tls_handshake(tmp_path, backend):
+def test_generated_certificates_pass_a_tls_handshake(tmp_path):
     import socket
     import ssl
     import threading
 
-    if backend == "openssl":
-        if not deploy.shutil.which("openssl"):
-            pytest.skip("no openssl command")
-        paths = {"ca_cert": tmp_path / "ca.crt", "ca_key": tmp_path / "ca.key",
-                 "server_cert": tmp_path / "server.pem", "server_key": tmp_path / "server.key"}
-        deploy._write_tls_files_openssl(paths, ["127.0.0.1", "localhost"])
-    else:
-        paths = deploy.write_tls_files(tmp_path)
+    paths = deploy.write_tls_files(tmp_path)
+    assert all(oct(paths[key].stat().st_mode & 0o777) == "0o600" for key in ("ca_key", "server_key"))
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(paths["server_cert"], paths["server_key"])
     client_context = ssl.create_default_context(cafile=str(paths["ca_cert"]))  # checks the chain and the name
@@ -396,6 +389,33 @@ def test_stop_processes_escalates_to_sigkill_and_sweeps_other_sessions(tmp_path)
         if proc.alive():
             proc.popen.kill()
             proc.popen.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zombies and environments as on Linux")
+def test_process_lookup_skips_zombies_and_leaves_children_to_their_popen():
+    """psutil finds processes by environment; a zombie counts as gone; a child's exit status stays with its Popen."""
+    from spafl.flower.deploy.processes import find_tagged, send_signal, wait_gone
+
+    tag = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, deploy.DEPLOY_ID_ENV: tag}
+    quick = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], env=env)  # a zombie until reaped
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while tagged_processes(tag) != [slow.pid]:
+            assert time.monotonic() < deadline, tagged_processes(tag)
+            time.sleep(0.05)
+        assert processes_with_env({deploy.DEPLOY_ID_ENV: tag}) == [slow.pid]
+        [process] = find_tagged(tag)
+        began = time.monotonic()
+        send_signal([process], signal.SIGKILL)
+        assert wait_gone([process], 10) == [] and time.monotonic() - began < 5
+        assert (quick.wait(timeout=10), slow.wait(timeout=10)) == (3, -signal.SIGKILL)  # not reaped by psutil
+    finally:
+        for proc in (quick, slow):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_the_deploy_local_command_does_not_import_torch():
