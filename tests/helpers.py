@@ -1,6 +1,18 @@
-"""Small settings shared by tests that run the simulator."""
+"""Small settings shared by tests that run the simulator, and the check of a CLI error."""
 
+from spafl.cli import main
 from spafl.config import build_config
+
+
+def fails(capsys, argv, *fragments, code=2):
+    """Run the CLI on ``argv``: it must exit with ``code`` and say every fragment in one line on stderr, no traceback."""
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
 
 
 def small_config(**overrides):

@@ -4,19 +4,10 @@ import json
 
 
 from spafl.cli import main
+from tests.helpers import fails
 
 SMALL = ["--set", "dataset=synthetic", "--set", "num_clients=3", "--set", "clients_per_round=2", "--set", "rounds=1",
          "--set", "local_epochs=1", "--set", "threads=1", "--quiet"]
-
-
-def fails(capsys, argv, *fragments, code=2):
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def test_unknown_key_names_close_matches(capsys, tmp_path):

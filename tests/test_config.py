@@ -78,7 +78,7 @@ def test_unknown_owner_and_key():
 
 
 def test_the_registries_are_the_choices():
-    assert choices_of("method") == tuple(ALGORITHMS) == ("spafl", "fedavg", "local")
+    assert choices_of("method") == tuple(ALGORITHMS) == ("spafl", "fedavg", "local", "fedpm", "heterofl", "fjord", "fedp3", "fedspa", "lotteryfl")
     assert choices_of("dataset") == DATASETS == tuple(DATASET_INFO) == ("fmnist", "cifar10", "cifar100", "synthetic")
     assert choices_of("model") == tuple(MODELS) == tuple(INPUT_SHAPES) == ("lenet5", "conv4", "resnet18", "vit")
     assert choices_of("lr") is None
@@ -91,7 +91,7 @@ def test_the_registries_are_the_choices():
 
 
 @pytest.mark.parametrize("key, choices", [
-    ("method", "spafl, fedavg, local"),
+    ("method", "spafl, fedavg, local, fedpm, heterofl, fjord, fedp3, fedspa, lotteryfl"),
     ("dataset", "fmnist, cifar10, cifar100, synthetic"),
     ("model", "lenet5, conv4, resnet18, vit"),
 ])
@@ -130,10 +130,50 @@ def test_registry_names_and_config_need_no_torch():
 def test_keys_listing_is_grouped_by_owner():
     listing = describe_keys()
     headers = [line for line in listing.splitlines() if line.startswith("[")]
-    assert [header.split("]")[0][1:] for header in headers] == ["common", "data", "engine", "spafl"]
+    assert [header.split("]")[0][1:] for header in headers] == [
+        "common", "data", "engine", "spafl", "fedpm", "fedspa", "heterofl", "fjord", "fedp3", "lotteryfl",
+    ]
     for name in FIELDS:
         assert f"\n{name} = " in listing
     spafl_block = listing.split("\n[spafl]")[1]
     assert all(f"\n{name} = " in spafl_block for name in SPAFL)
     fedavg = describe_keys(ALGORITHMS["fedavg"].keys())
     assert "[spafl]" not in fedavg and "th_coeff" not in fedavg and "\noptimizer_scope = " in fedavg
+
+
+HETEROFL = {"heterofl_rates", "heterofl_mode", "heterofl_label_split"}
+FJORD = {"fjord_widths", "fjord_distill"}
+
+
+def test_the_width_slicing_baselines_own_their_keys():
+    assert keys_of("heterofl") == HETEROFL and keys_of("fjord") == FJORD
+    for name, own in (("heterofl", HETEROFL), ("fjord", FJORD)):
+        assert ALGORITHMS[name].keys() == keys_of(*SHARED_OWNERS) | own
+
+
+FEDP3 = {"fedp3_upload", "fedp3_global_keep", "fedp3_local_prune", "fedp3_final_layer", "fedp3_weighting"}
+LOTTERYFL = {"lotteryfl_start_acc", "lotteryfl_end_density", "lotteryfl_prune_percent"}
+
+
+def test_fedp3_and_lotteryfl_own_their_keys():
+    assert keys_of("fedp3") == FEDP3 and keys_of("lotteryfl") == LOTTERYFL
+    for name, own in (("fedp3", FEDP3), ("lotteryfl", LOTTERYFL)):
+        assert ALGORITHMS[name].keys() == keys_of(*SHARED_OWNERS) | own
+    with pytest.raises(UserError, match="^fedp3_upload must be one of opu2, opu3; got 'opu4'$"):
+        build_config(None, None, {"fedp3_upload": "opu4"})
+    with pytest.raises(UserError, match="^lotteryfl_prune_percent must be <= 99; got 100.0$"):
+        build_config(None, None, {"lotteryfl_prune_percent": 100})
+
+
+FEDPM = {"fedpm_optimizer", "fedpm_lr", "fedpm_prior_reset"}
+FEDSPA = {"fedspa_density", "fedspa_prune_rate"}
+
+
+def test_fedpm_and_fedspa_own_their_keys():
+    assert keys_of("fedpm") == FEDPM and keys_of("fedspa") == FEDSPA
+    for name, own in (("fedpm", FEDPM), ("fedspa", FEDSPA)):
+        assert ALGORITHMS[name].keys() == keys_of(*SHARED_OWNERS) | own
+    with pytest.raises(UserError, match="^fedpm_optimizer must be one of adam, sgd; got 'rmsprop'$"):
+        build_config(None, None, {"fedpm_optimizer": "rmsprop"})
+    with pytest.raises(UserError, match="^fedspa_density must be > 0 and <= 1; got 0.0$"):
+        build_config(None, None, {"fedspa_density": 0})

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from spafl import __version__
-from spafl.errors import DivergedError, UserError
+from spafl.errors import DivergedError, UserError, file_error, short_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,26 +30,48 @@ def _overrides(assignments: list[str] | None, data_dir: str | None) -> dict[str,
     return values
 
 
+def _interruptible() -> None:
+    """Let Ctrl-C (SIGINT) stop this command even when it was started with SIGINT ignored.
+
+    A background job of a non-interactive shell, and some CI runners, start
+    processes with SIGINT ignored, and Python then leaves it ignored: Ctrl-C
+    and ``kill -INT`` did nothing. A run stopped by SIGINT keeps its last
+    checkpoint and resumes, so Python's default handler is put back.
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from spafl.config import build_config, config_from_dict
     from spafl.engine import Simulator
-    from spafl.runtime.record import claim_run_dir, read_run_config, write_run_config
+    from spafl.runtime.record import CONFIG, check_writable_dir, claim_run_dir, read_run_config, write_run_config
     from spafl.report import format_summary
 
+    _interruptible()
     if args.resume:
         if args.preset or args.config or args.set or args.out or args.data_dir:
             raise UserError("--resume DIR takes no other options: the run continues with the config saved in DIR")
         run_dir = Path(args.resume)
-        config = config_from_dict(read_run_config(run_dir))
+        saved = read_run_config(run_dir)
+        try:
+            config = config_from_dict(saved)
+        except UserError as error:
+            raise UserError(f"{short_path(run_dir / CONFIG)}: {error}") from None
+        check_writable_dir(run_dir, "run directory")
     else:
         if args.out is None:
             raise UserError("spafl run needs --out DIR (or --resume DIR to continue a run)")
         run_dir = Path(args.out)
+        check_writable_dir(run_dir, "--out")
         claim_run_dir(run_dir, f"continue it with `spafl run --resume {run_dir}` or pick another --out")
         config = build_config(args.preset, args.config, _overrides(args.set, args.data_dir))
     simulator = Simulator(config, run_dir, progress=not args.quiet)
     if not args.resume:
-        write_run_config(run_dir, config, args.preset, simulator.provenance())
+        try:
+            write_run_config(run_dir, config, args.preset, simulator.provenance())
+        except OSError as error:
+            raise file_error(error, f"cannot write {short_path(run_dir / CONFIG)}") from None
     try:
         summary = simulator.run(resume=bool(args.resume))
     except KeyboardInterrupt:
@@ -70,8 +95,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from spafl.compare import TABLE_HEADER, compare
 
-    compare(args.preset, args.methods, args.out, args.seeds, _overrides(args.set, args.data_dir), args.config,
-            progress=not args.quiet, log=lambda line: print(line, file=sys.stderr))
+    _interruptible()
+    try:
+        compare(args.preset, args.methods, args.out, args.seeds, _overrides(args.set, args.data_dir), args.config,
+                progress=not args.quiet, log=lambda line: print(line, file=sys.stderr))
+    except KeyboardInterrupt:
+        print("\nspafl: interrupted; run the same command again to resume the unfinished runs", file=sys.stderr)
+        return 130
     print((Path(args.out) / "table.md").read_text())
     print(f"written: {args.out}/table.csv ({', '.join(TABLE_HEADER[:3])}, ...), table.md, accuracy.png, communication.png, density.png")
     return 0
@@ -145,6 +175,17 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds > 0 (finite), for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spafl", description="SpaFL: federated learning with trainable structured-sparsity thresholds.")
     parser.add_argument("--version", action="version", version=f"spafl {__version__}")
@@ -156,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="TOML file of flat config keys")
     run.add_argument("--data-dir", help="directory holding the dataset files (authoritative)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
-    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument(
+        "--resume", metavar="DIR",
+        help="continue an interrupted run from its last checkpoint, with the settings in DIR/config.json; they must match "
+        "the checkpoint's, except rounds, which may be raised to extend a run (or lowered, down to the checkpoint's round)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.set_defaults(handler=cmd_run)
 
@@ -201,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
     deploy.add_argument("--tls", action="store_true", help="TLS everywhere, with a generated CA and server certificate")
     deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated, registered keys (implies --tls)")
-    deploy.add_argument("--round-timeout", type=float, metavar="S", help="seconds the server waits for replies (default: the app's, 120)")
+    deploy.add_argument("--round-timeout", type=_seconds, metavar="S", help="seconds the server waits for replies (default: the app's, 120)")
     deploy.add_argument("--data-dir", help="dataset directory for every SuperNode (node config data-dir)")
-    deploy.add_argument("--timeout", type=float, metavar="S", help="give up (and stop everything) after S seconds of run time")
+    deploy.add_argument("--timeout", type=_seconds, metavar="S", help="give up (and stop everything) after S seconds of run time")
     deploy.add_argument("--quiet", action="store_true", help="no progress on stderr")
     deploy.set_defaults(handler=cmd_deploy_local)
     return parser

@@ -20,12 +20,12 @@ from typing import Any
 
 from spafl.algorithms import ALGORITHMS
 from spafl.config import FIELDS, Config, build_config, coerce, config_from_dict
-from spafl.runtime.record import CONFIG, METRICS, SUMMARY, read_metrics, read_run_config, write_run_config
+from spafl.runtime.record import CONFIG, METRICS, SUMMARY, check_writable_dir, read_metrics, read_run_config, write_run_config
 from spafl.errors import UserError
 
 TABLE_HEADER = [
     "method", "seeds", "accuracy_mean", "accuracy_std_clients", "accuracy_std_seeds", "accuracy_best_round",
-    "density", "density_weighted", "gbit_total", "flops_total", "seconds",
+    "density", "density_weighted", "gbit_total", "bits_up", "bits_down", "bits_up_coded", "flops_total", "seconds",
 ]
 
 
@@ -113,13 +113,15 @@ def run_all(
     from spafl.runtime.federation import build_federation
 
     seeds = seeds or [run_config(preset, config_file, overrides).seed]
+    configs = {(spec, seed): run_config(preset, config_file, overrides, spec, seed) for seed in seeds for spec in methods}
     out = Path(out)
+    check_writable_dir(out, "--out")  # a file, a read-only or too long path: one line, before any run
     out.mkdir(parents=True, exist_ok=True)
     datasets: dict[tuple[str, str], Any] = {}
     runs: dict[str, dict[int, Path]] = {}
     for seed in seeds:
         for spec in methods:
-            config = run_config(preset, config_file, overrides, spec, seed)
+            config = configs[spec, seed]
             run_dir = out / spec.slug / f"seed{seed}"
             runs.setdefault(spec.label, {})[seed] = run_dir
             resume = (run_dir / CONFIG).exists()
@@ -149,6 +151,13 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _bits(values: list[int | None]) -> int | float | None:
+    """Bit totals over seeds: the exact count where every seed has the same, else their mean; None where a run lacks it."""
+    if any(value is None for value in values):
+        return None
+    return values[0] if len(set(values)) == 1 else _mean(values)
+
+
 def _std(values: list[float]) -> float | None:
     if len(values) < 2:
         return None
@@ -171,6 +180,10 @@ def table_rows(runs: dict[str, dict[int, Path]]) -> list[dict[str, Any]]:
             "density": _mean([f["density"] for f in finals]),
             "density_weighted": _mean([f["density_weighted"] for f in finals]),
             "gbit_total": _mean([s["gbit_total"] for s in summaries]),
+            # exact payload bits of the run (the same for every seed where the messages do not depend on the data)
+            "bits_up": _bits([s.get("bits_up_total") for s in summaries]),
+            "bits_down": _bits([s.get("bits_down_total") for s in summaries]),
+            "bits_up_coded": _bits([s.get("bits_up_coded_total") for s in summaries]),
             "flops_total": _mean([s["flops_total"] for s in summaries]),
             "seconds": _mean([s["seconds_total"] for s in summaries]),
             "_majority": _mean([f["accuracy_majority"] for f in finals]),

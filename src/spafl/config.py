@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spafl.errors import UserError
+from spafl.errors import UserError, read_bounded, short_path
 
 try:  # Python 3.11+
     import tomllib
@@ -67,6 +67,22 @@ def _text(default: str, doc: str, *, owner: str) -> Any:
 
 def _int_list(doc: str, *, owner: str) -> Any:
     return field(default_factory=tuple, metadata=_field(owner, doc, list=True))
+
+
+def _fractions(default: str, doc: str, *, owner: str) -> Any:
+    """A comma-separated list of distinct fractions in (0, 1] (model widths), checked by :func:`parse_fractions`."""
+    return field(default=default, metadata=_field(owner, doc, fractions=True))
+
+
+def parse_fractions(key: str, text: str) -> tuple[float, ...]:
+    """The distinct fractions in (0, 1] that ``text`` lists, comma-separated, in its order; a UserError names ``key`` otherwise."""
+    try:
+        values = tuple(float(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"{key} must be comma-separated numbers in (0, 1], e.g. 1,0.5,0.25; got {text!r}") from None
+    if not values or any(not (0 < v <= 1) for v in values) or len(set(values)) != len(values):
+        raise UserError(f"{key} must list distinct numbers in (0, 1], e.g. 1,0.5,0.25; got {text!r}")
+    return values
 
 
 # The choices of method, dataset and model are the names of their registries. Those are imported
@@ -206,6 +222,93 @@ class Config:
     threshold_clip: float = _num(
         0.0, "clip thresholds to [-v, v] after each step (0 = off; the reference never clips)", 0, owner="spafl",
     )
+    # -- fedpm: FedPM's own keys (Isik et al., ICLR 2023) ----------------------------------------
+    fedpm_optimizer: str = _choice(
+        "adam", ("adam", "sgd"),
+        "optimizer of the mask scores (the official code uses Adam whatever its config says); sgd uses momentum/weight_decay",
+        owner="fedpm",
+    )
+    fedpm_lr: float = _num(0.1, "learning rate of the mask scores (official code: Adam at 0.1)", 0, low_open=True, owner="fedpm")
+    fedpm_prior_reset: int = _num(
+        1, "reset the server's Beta(1, 1) priors every this many rounds (official code: every round, theta = mean mask)", 1,
+        owner="fedpm",
+    )
+    # -- fedspa: FedSpa's own keys (Huang et al., 2022) ------------------------------------------
+    fedspa_density: float = _num(
+        0.5, "density d of every client's personal mask (kept weights / all masked weights; ERK over layers)", 0, 1,
+        low_open=True, owner="fedspa",
+    )
+    fedspa_prune_rate: float = _num(
+        0.5, "initial fraction of each layer's kept weights pruned and regrown after local training (cosine-annealed to 0)",
+        0, 1, owner="fedspa",
+    )
+    # -- heterofl: HeteroFL's own keys (Diao et al., ICLR 2021) ----------------------------------
+    heterofl_rates: str = _fractions(
+        "1,0.5,0.25,0.125,0.0625",
+        "model rates r (a client of rate r trains the first ceil(r*C) channels of every hidden layer), given to clients "
+        "in equal proportions",
+        owner="heterofl",
+    )
+    heterofl_mode: str = _choice(
+        "fix", ("fix", "dynamic"),
+        "fix: each client keeps one rate (equal groups in client-id order); dynamic: every sampled client draws its rate anew "
+        "each round",
+        owner="heterofl",
+    )
+    heterofl_label_split: bool = _flag(
+        True,
+        "label-split masking (official code, non-IID): a client trains only the logits of the labels in its training data and "
+        "the server averages the last layer's class rows only over the clients holding that label",
+        owner="heterofl",
+    )
+    # -- fjord: FjORD's own keys (Horvath et al., NeurIPS 2021) ----------------------------------
+    fjord_widths: str = _fractions(
+        "0.2,0.4,0.6,0.8,1.0",
+        "ordered-dropout widths p; each client's tier p_max is one of them (uniform), each local step trains a width p <= p_max",
+        owner="fjord",
+    )
+    fjord_distill: bool = _flag(
+        False, "self-distillation from the p_max model (the paper's optional extension; not implemented: true is refused)",
+        owner="fjord",
+    )
+
+    # -- fedp3: FedP3's own keys (Yi et al., ICLR 2024) -----------------------------------------
+    fedp3_upload: str = _choice(
+        "opu2", ("opu2", "opu3"),
+        "layers a client uploads: its group's 2 (opu2) or 3 (opu3) consecutive non-final layers, plus the final layer",
+        owner="fedp3",
+    )
+    fedp3_global_keep: float = _num(
+        0.9, "fraction of each non-uploaded layer's weights the server keeps (largest |w|) in a client's model (code: 0.9)",
+        0, 1, low_open=True, owner="fedp3",
+    )
+    fedp3_local_prune: float = _num(
+        0.0, "fraction of each layer's kept weights a client prunes by magnitude before training (0 = off, as the code)",
+        0, 0.99, owner="fedp3",
+    )
+    fedp3_final_layer: str = _choice(
+        "global", ("global", "personal"),
+        "global: the final layer comes down dense with the client's upload layers (the paper's OPU); "
+        "personal: the server never sends it, each client keeps its own (the official code)",
+        owner="fedp3",
+    )
+    fedp3_weighting: str = _choice(
+        "uniform", ("uniform", "samples"),
+        "per-layer averaging over the clients that uploaded it: plain mean (the code) or weighted by training samples",
+        owner="fedp3",
+    )
+    # -- lotteryfl: LotteryFL's own keys (Li et al., 2020) ---------------------------------------
+    lotteryfl_start_acc: float = _num(
+        0.5, "a client prunes only when its model's accuracy on its training data exceeds this", 0, 1, owner="lotteryfl",
+    )
+    lotteryfl_end_density: float = _num(
+        0.5, "a client prunes only while its mask's density (kept / all masked weights) is above this target", 0, 1,
+        owner="lotteryfl",
+    )
+    lotteryfl_prune_percent: float = _num(
+        20.0, "percent of each layer's remaining weights a pruning removes (smallest |w|), then rewinds to the initial weights",
+        0, 99, owner="lotteryfl",
+    )
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -342,6 +445,8 @@ def validate(config: Config) -> Config:
         choices = choices_of(name)
         if choices and value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        if spec.metadata.get("fractions"):
+            parse_fractions(name, value)
         low, high = spec.metadata.get("low"), spec.metadata.get("high")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
@@ -363,16 +468,20 @@ def validate(config: Config) -> Config:
     return config
 
 
+#: A config file holds a few dozen flat keys; anything larger is not one (``--config /dev/zero`` is refused, not read).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
+    raw = read_bounded(path, MAX_CONFIG_BYTES, "config file")
     try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise UserError(f"config file {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"config file {str(path)!r} is a directory, expected a TOML file") from None
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise UserError(f"config file {short_path(path)!r} is not UTF-8 text (byte {error.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+    except RecursionError:
+        raise UserError(f"config file {short_path(path)!r} nests arrays or tables too deeply; write flat keys") from None
     for key, value in data.items():
         if isinstance(value, dict):
             raise UserError(f"config file {str(path)!r}: tables are not used; write flat keys (found [{key}])")

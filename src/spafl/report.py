@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from spafl.runtime.record import METRICS, read_metrics
+from spafl.runtime.record import METRICS, ROW_EVAL_NUMBERS, read_metrics
 from spafl.runtime.record import summarize_run
-from spafl.errors import UserError
+from spafl.errors import UserError, file_error, short_path
 from spafl.metrics import GIGA
 
 
 def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl; UserError if there is none, or a line is not a row, or none is evaluated."""
     path = Path(run_dir) / METRICS
-    if not path.exists():
-        raise UserError(f"{run_dir} is not a spafl run directory (no {METRICS})")
+    if not os.path.lexists(path):
+        raise UserError(f"{short_path(run_dir)} is not a spafl run directory (no {METRICS})")
     rows = read_metrics(path)
     if not rows:
-        raise UserError(f"{path} has no rounds yet")
+        raise UserError(f"{short_path(path)} has no rounds yet")
+    if not any(row["evaluated"] for row in rows):
+        raise UserError(f"{short_path(path)} has no evaluated round yet")
+    for row in rows:  # the table and the plots need every figure of an evaluated round
+        absent = [key for key in ROW_EVAL_NUMBERS if row["evaluated"] and row[key] is None]
+        if absent:
+            raise UserError(f"{short_path(path)}: round {row['round']} is evaluated but has no {', '.join(absent)}; the file is damaged")
     return rows
 
 
@@ -129,7 +137,10 @@ def report(run_dirs: list[str]) -> str:
     for run_dir in run_dirs:
         rows = load_run(run_dir)
         summaries[str(run_dir)] = summarize_run(rows)
-        plot_run(run_dir, rows)
+        try:
+            plot_run(run_dir, rows)
+        except OSError as error:
+            raise file_error(error, f"cannot write the plots into {short_path(run_dir)}", run_dir) from None
     return table(summaries)
 
 

@@ -167,8 +167,7 @@ def test_download_checksum_mismatch_deletes(env):
     _serve_from(env, src)
     with pytest.raises(UserError, match=r"failed verification and was deleted.*train-images-idx3-ubyte.gz.*does not match"):
         load_dataset("fmnist")
-    folder = env.cache / "fashion-mnist"
-    assert not folder.exists() or list(folder.iterdir()) == []
+    assert not (env.home / ".cache").exists()  # nor the folders the failed download created
 
 
 def test_download_cifar_checksum_mismatch_deletes(env):
@@ -177,7 +176,7 @@ def test_download_cifar_checksum_mismatch_deletes(env):
     _serve_from(env, src)
     with pytest.raises(UserError, match="SHA-256 .* does not match the official 6d958be0"):
         load_dataset("cifar10")
-    assert list(env.cache.iterdir()) == []
+    assert not (env.home / ".cache").exists()  # nor the folders the failed download created
 
 
 def test_interrupted_download_leaves_nothing(env):
@@ -188,7 +187,7 @@ def test_interrupted_download_leaves_nothing(env):
     env.monkeypatch.setattr(locate, "download_file", broken)
     with pytest.raises(UserError, match="failed: timed out"):
         load_dataset("cifar10")
-    assert list(env.cache.iterdir()) == []
+    assert not (env.home / ".cache").exists()  # nor the folders the failed download created
 
 
 def test_fetch(env):
@@ -213,6 +212,19 @@ def test_fetch(env):
 def test_fetch_failure_message(env):
     with pytest.raises(UserError, match=r"cifar100 files not in .*download from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz failed"):
         fetch("cifar100", str(env.tmp / "x"))
+    assert not (env.tmp / "x").exists()  # the failed download removed the folder it created
+
+
+def test_a_failed_download_removes_only_the_empty_folders_it_created(env):
+    mine = env.tmp / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="failed"):
+        fetch("fmnist", str(mine / "new" / "deeper"))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(UserError, match="failed"):
+        fetch("fmnist", str(mine))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # its fashion-mnist/ is gone again, the folder stays
 
 
 def test_unknown_dataset(env):

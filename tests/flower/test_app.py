@@ -469,3 +469,38 @@ def test_a_new_node_claiming_a_partition_that_a_serving_node_holds_does_not_take
     run_dir = _run_local(tmp_path, setup=add_impostor)
     assert f"claims partition {claimed}, which node {1000 + 100 * claimed + claimed} holds and serves; not handed over" in caplog.text
     _same_rows(read_metrics(run_dir / "metrics.jsonl"), read_metrics(inprocess / "metrics.jsonl"))
+
+
+def test_an_evaluation_without_any_usable_reply_leaves_the_round_unevaluated_instead_of_stopping_the_server():
+    strategy = SpaFLStrategy(spafl_config(), out_dir="unused")
+    assert strategy.transport.read_evaluations([], {11: 0, 12: 1}, 3) is None
+    empty = ClientEval(correct=0, loss_sum=0.0, num_test=0, majority_correct=0, density=1.0, density_weighted=1.0)
+    reply = Message(RecordDict({rec.METRICS: rec.metric_record({**rec.eval_to_metrics(empty), rec.PARTITION_ID: 0})}),
+                    reply_to=_instruction(11))
+    assert strategy.transport.read_evaluations([reply], {11: 0}, 3) is None  # a node without test data only
+
+
+def test_every_number_a_node_reports_is_checked_and_a_bad_reply_is_rejected_without_stopping_the_round():
+    """Infinite or fractional counts, NaN loss, negative FLOPs, more samples than the partition holds; impossible evaluations."""
+    config = spafl_config()
+    strategy = SpaFLStrategy(config, out_dir="unused")
+    good = {f"thresholds/{n}": torch.full_like(t, 0.25) for n, t in strategy.server["thresholds"].items()}
+    lies = [
+        {"steps": math.inf}, {"num_samples": 1e18}, {"num_samples": 2.5}, {rec.PARTITION_ID: math.inf},
+        {"flops": -5.0}, {"flops": math.nan}, {"num_samples": 21},
+    ]
+    partitions = {100 + k: k for k in range(len(lies) + 1)}
+    replies = [_reply(100 + k, k, good) for k in range(len(lies) + 1)]
+    for reply, lie in zip(replies, lies):
+        for key, value in lie.items():
+            reply.content[rec.METRICS][key] = value
+    read = read_replies(replies, partitions, 1, sizes={k: 20 for k in partitions.values()})
+    accepted = strategy.loop.accept(strategy.state, read.exchange, 0)
+    assert [r.client_id for r in accepted.replies] == [len(lies)]  # only the honest reply
+    assert len(accepted.rejected) == len(lies)
+
+    evaluation = {"correct": 7, "loss_sum": 3.0, "num_test": 10, "majority_correct": 4, "density": 0.5, "density_weighted": 0.25}
+    assert rec.eval_from_metrics(evaluation).correct == 7
+    for bad in ({"correct": 11}, {"density": math.nan}, {"loss_sum": math.inf}, {"num_test": -1}, {"density_weighted": 1.5}, {"correct": 2.5}):
+        with pytest.raises((ValueError, TypeError)):
+            rec.eval_from_metrics({**evaluation, **bad})

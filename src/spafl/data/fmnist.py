@@ -53,37 +53,87 @@ def find_dir(directory: str | os.PathLike) -> Path | None:
     return None
 
 
-def gunzip(raw: bytes, chunk: int = 1 << 20) -> bytes:
-    """Decompress gzip data (all members; CRC checked), feeding the input in chunks (faster than one shot).
+#: The largest shape each file's IDX header may announce (the official files' shapes): a header promising more is
+#: refused before anything is inflated, and no file is inflated past what its header announces (a gzip bomb stops there).
+MAX_SHAPES: dict[str, tuple[int, ...]] = {
+    TRAIN_IMAGES: (60000, 28, 28), TRAIN_LABELS: (60000,), TEST_IMAGES: (10000, 28, 28), TEST_LABELS: (10000,),
+}
+
+
+def _idx_bytes(shape: tuple[int, ...]) -> int:
+    return 4 + 4 * len(shape) + int(np.prod(shape, dtype=np.int64))
+
+
+class Gunzip:
+    """The decompressed bytes of gzip data (all members; CRC checked), inflated only as far as :meth:`read` asks.
 
     Raises EOFError on truncated input and zlib.error on corrupt input.
     """
-    parts = []
-    view = memoryview(raw)
-    pos = 0
-    while True:
-        d = zlib.decompressobj(wbits=31)
-        while not d.eof and pos < len(view):
-            parts.append(d.decompress(view[pos:pos + chunk]))
-            pos += chunk
-        if not d.eof:
-            raise EOFError("compressed data ended before the end-of-stream marker")
-        rest = bytes(d.unused_data) + bytes(view[pos:])
-        rest = rest.lstrip(b"\x00")  # gzip allows zero padding after a member
-        if not rest:
-            break
-        view, pos = memoryview(rest), 0
-    return b"".join(parts)
+
+    def __init__(self, raw: bytes, chunk: int = 1 << 20) -> None:
+        self.view, self.pos, self.chunk = memoryview(raw), 0, chunk
+        self.inflate = zlib.decompressobj(wbits=31)
+        self.tail = b""  # input the decompressor has not consumed yet
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` more bytes (fewer only at the end of the data)."""
+        parts = []
+        while size > 0:
+            if self.inflate.eof:  # the end of a member: another one may follow, after optional zero padding
+                rest = (bytes(self.inflate.unused_data) + bytes(self.view[self.pos:])).lstrip(b"\x00")
+                if not rest:
+                    break
+                self.view, self.pos, self.tail = memoryview(rest), 0, b""
+                self.inflate = zlib.decompressobj(wbits=31)
+                continue
+            data = self.tail
+            if not data:
+                if self.pos >= len(self.view):
+                    raise EOFError("compressed data ended before the end-of-stream marker")
+                data = bytes(self.view[self.pos:self.pos + self.chunk])
+                self.pos += len(data)
+            out = self.inflate.decompress(data, size)
+            self.tail = self.inflate.unconsumed_tail
+            parts.append(out)
+            size -= len(out)
+        return b"".join(parts)
 
 
-def _decompress(path: Path) -> tuple[bytes, bytes]:
-    """Return (compressed bytes, decompressed bytes) of a .gz file; UserError on a broken file."""
+def _read_idx_gz(path: Path, name: str, magic: int) -> tuple[bytes, bytes]:
+    """(compressed bytes, decompressed IDX bytes) of the file ``name`` at ``path``; UserError on a broken or oversized file.
+
+    Inflates the header, checks it against :data:`MAX_SHAPES`, then exactly
+    the data it announces, and refuses a file that decompresses to more.
+    """
+    largest = MAX_SHAPES[name]
+    room = _idx_bytes(largest)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as handle:
+            raw = handle.read(room + room // 100 + (1 << 20))  # gzip adds < 1% to incompressible data
+            oversized = bool(handle.read(1))
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if oversized:
+        raise UserError(f"{path} is larger than any Fashion-MNIST {name} could be; it is not that file")
+    stream = Gunzip(raw)
+    ndim = magic & 0xFF
     try:
-        data = gunzip(raw)
+        data = stream.read(4)
+        if len(data) == 4 and struct.unpack(">I", data)[0] == magic:
+            data += stream.read(4 * ndim)
+        if len(data) == 4 + 4 * ndim:  # else parse_idx says what is wrong
+            dims = struct.unpack(">" + "I" * ndim, data[4:])
+            if any(size > limit for size, limit in zip(dims, largest)):
+                raise UserError(
+                    f"{path}: IDX header announces shape {dims}, more than Fashion-MNIST's {name} holds "
+                    f"(at most {largest}); the file is corrupt or not the right file"
+                )
+            data += stream.read(_idx_bytes(dims) - len(data))
+            if len(data) == _idx_bytes(dims) and stream.read(1):
+                raise UserError(
+                    f"{path} decompresses to more than the {len(data)} bytes its IDX header announces; "
+                    "the file is corrupt or not the right file"
+                )
     except (OSError, EOFError, zlib.error) as e:
         raise UserError(
             f"{path} is not a valid gzip file ({e}); it is truncated or corrupt: delete it and provide/download it again"
@@ -123,7 +173,7 @@ def _read_split(folder: Path, images_name: str, labels_name: str, checksums: dic
     arrays = []
     for name, magic in ((images_name, IDX_MAGIC_IMAGES), (labels_name, IDX_MAGIC_LABELS)):
         path = folder / name
-        raw, data = _decompress(path)
+        raw, data = _read_idx_gz(path, name, magic)
         checksums[name] = hashlib.sha256(raw).hexdigest()
         arrays.append(parse_idx(data, magic, path))
     images, labels = arrays
@@ -165,9 +215,11 @@ def load_fmnist(directory: str | os.PathLike) -> Dataset:
     )
 
 
-def decompressed_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a .gz file's decompressed content."""
-    _, data = _decompress(Path(path))
+def decompressed_sha256(path: str | os.PathLike, name: str | None = None) -> str:
+    """SHA-256 of the decompressed content of the official file ``name`` (default: the file's own name) at ``path``."""
+    name = name or Path(path).name
+    magic = IDX_MAGIC_IMAGES if name in (TRAIN_IMAGES, TEST_IMAGES) else IDX_MAGIC_LABELS
+    _, data = _read_idx_gz(Path(path), name, magic)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -176,6 +228,6 @@ def verify_file(path: str | os.PathLike, name: str | None = None) -> None:
     path = Path(path)
     name = name or path.name
     expected = DECOMPRESSED_SHA256[name]
-    got = decompressed_sha256(path)
+    got = decompressed_sha256(path, name)
     if got != expected:
         raise UserError(f"{name}: decompressed SHA-256 {got} does not match the official {expected}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from spafl.data import cifar, fmnist
 from spafl.data.registry import check_name
-from spafl.errors import UserError
+from spafl.errors import UserError, file_error, short_path
 
 DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -106,17 +106,52 @@ def _download_verified(url: str, target: Path, verify) -> None:
             tmp.unlink()
 
 
+def _make_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created, outermost first (UserError if it cannot)."""
+    missing = []
+    for candidate in (folder, *folder.parents):
+        if os.path.isdir(candidate):
+            break
+        missing.append(candidate)
+    made = []
+    try:
+        for candidate in reversed(missing):
+            candidate.mkdir()
+            made.append(candidate)
+    except OSError as error:
+        _remove_empty(made)
+        raise file_error(error, f"cannot create the download folder {short_path(folder)}", folder) from None
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed download created, innermost first, where they are still empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (a verified file of an earlier step stays), or gone
+            pass
+
+
 def _download(name: str, root: Path) -> Path:
-    """Download dataset ``name`` into ``root``; return the directory to hand to the reader."""
-    if name == "fmnist":
-        folder = root / fmnist.SUBDIR
-        for f in fmnist.FILES:
-            if not (folder / f).is_file():
-                _download_verified(FMNIST_BASE_URL + f, folder / f, lambda p, f=f: fmnist.verify_file(p, f))
-        return folder
-    url = CIFAR10_URL if name == "cifar10" else CIFAR100_URL
-    _download_verified(url, root / cifar.SPECS[name].tarball, lambda p: cifar.verify_tarball(p, name))
-    return root
+    """Download dataset ``name`` into ``root``; return the directory to hand to the reader.
+
+    A failed download leaves no partial file, and no folder it created that stayed empty.
+    """
+    folder = root / fmnist.SUBDIR if name == "fmnist" else root
+    made = _make_dirs(folder)
+    try:
+        if name == "fmnist":
+            for f in fmnist.FILES:
+                if not (folder / f).is_file():
+                    _download_verified(FMNIST_BASE_URL + f, folder / f, lambda p, f=f: fmnist.verify_file(p, f))
+            return folder
+        url = CIFAR10_URL if name == "cifar10" else CIFAR100_URL
+        _download_verified(url, root / cifar.SPECS[name].tarball, lambda p: cifar.verify_tarball(p, name))
+        return root
+    except BaseException:
+        _remove_empty(made)
+        raise
 
 
 _NETWORK_ERRORS = (OSError, http.client.HTTPException, ValueError)
@@ -129,8 +164,14 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, *, download: bo
         raise UserError("the synthetic dataset is generated in memory; it has no files to locate or fetch")
     if data_dir is not None:
         d = Path(data_dir).expanduser()
+        try:
+            os.stat(d)
+        except FileNotFoundError:
+            raise UserError(f"data dir {short_path(d)} does not exist; it should hold the {name} files: {expected_files(name)}") from None
+        except OSError as error:
+            raise file_error(error, f"cannot use data dir {short_path(d)}", d) from None
         if not d.is_dir():
-            raise UserError(f"data dir {d} does not exist; it should hold the {name} files: {expected_files(name)}")
+            raise UserError(f"data dir {short_path(d)} is not a directory; it should hold the {name} files: {expected_files(name)}")
         found = find_in(name, d)
         if found is None:
             raise UserError(f"{name} files not found in data dir {d}; expected {expected_files(name)}")
@@ -145,10 +186,10 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, *, download: bo
         if d is None:
             tried.append(f"${ENV_VAR} (not set)")
             continue
-        found = find_in(name, d) if d.is_dir() else None
+        found = find_in(name, d) if os.path.isdir(d) else None
         if found is not None:
             return found
-        what = "no such directory" if not d.is_dir() else "files not there"
+        what = "no such directory" if not os.path.isdir(d) else "files not there"
         tried.append(f"{label}{d} ({what})")
 
     if download:
@@ -177,7 +218,7 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     if data_dir is None:
         return locate(name, None, download=True)
     d = Path(data_dir).expanduser()
-    if d.is_dir():
+    if os.path.isdir(d):
         found = find_in(name, d)
         if found is not None:
             return found

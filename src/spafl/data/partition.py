@@ -40,9 +40,12 @@ def _labels(y, what: str) -> np.ndarray:
     return y.astype(np.int64, copy=False)
 
 
-def _check_num_clients(num_clients) -> int:
+def _check_num_clients(num_clients, num_train: int) -> int:
+    """``num_clients`` as an int in 1..``num_train``: more clients than training samples is refused before any allocation."""
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
         raise UserError(f"num_clients must be an integer >= 1, got {num_clients!r}")
+    if num_clients > num_train:
+        raise UserError(f"num_clients={num_clients} exceeds the {num_train} training samples; lower num_clients")
     return int(num_clients)
 
 
@@ -82,7 +85,7 @@ def dirichlet_partition(
     """
     ytr = _labels(train_y, "train_y")
     yte = _labels(test_y, "test_y")
-    n_clients = _check_num_clients(num_clients)
+    n_clients = _check_num_clients(num_clients, ytr.size)
     if not (isinstance(alpha, (int, float, np.floating)) and math.isfinite(alpha) and alpha > 0):
         raise UserError(f"Dirichlet alpha must be a finite number > 0, got {alpha!r}")
     if isinstance(min_client_samples, bool) or not isinstance(min_client_samples, (int, np.integer)) or min_client_samples < 0:
@@ -136,11 +139,7 @@ def iid_partition(train_y: torch.Tensor, test_y: torch.Tensor, num_clients: int,
     """Seeded shuffle, then near-equal contiguous chunks (sizes differ by at most one) of train and test."""
     ytr = _labels(train_y, "train_y")
     yte = _labels(test_y, "test_y")
-    n_clients = _check_num_clients(num_clients)
-    if n_clients > ytr.size:
-        raise UserError(
-            f"num_clients={n_clients} exceeds the {ytr.size} training samples; lower num_clients"
-        )
+    n_clients = _check_num_clients(num_clients, ytr.size)
     rng = np.random.default_rng(seed)
     tr = rng.permutation(ytr.size)
     te = rng.permutation(yte.size)

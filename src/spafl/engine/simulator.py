@@ -25,10 +25,11 @@ from spafl.engine import checkpoint as ckpt
 from spafl.engine.parallel import ClientRunner, resolve_workers
 from spafl.engine.progress import Progress
 from spafl.engine.store import Clients, choose_store, make_store
+from spafl.errors import UserError, short_path
 from spafl.metrics import GIGA, ClientEval, message_bits, summarize
 from spafl.nn import masked_layers
 from spafl.runtime.federation import Federation, build_federation, configure_threads, make_algorithm, resolve_device
-from spafl.runtime.round import Exchange, Received, RoundLoop, RunState, Transport, run_state_of
+from spafl.runtime.round import STATE_KEYS, Exchange, Received, RoundLoop, RunState, Transport, run_state_of
 from spafl.seeding import derive_seed
 
 
@@ -109,11 +110,27 @@ class Simulator(Transport):
         clients.store.commit()
 
     def load(self) -> RunState | None:
+        """The checkpoint's run state; UserError if it lacks an entry, or config.json was edited since (but ``rounds``)."""
         saved = ckpt.load_checkpoint(self.run_dir)
         if saved is None:
             return None
-        state = self.restore_state(saved)
-        torch.set_rng_state(saved["torch_rng"])
+        where = self.run_dir / ckpt.CHECKPOINT
+        needed = [key for key in STATE_KEYS if key != "bits_cum_coded"] + ["clients", "torch_rng", "config"]
+        missing = [key for key in needed if key not in saved]
+        if missing:
+            raise UserError(
+                f"checkpoint {short_path(where)} lacks {', '.join(missing)}; it is damaged or not a spafl checkpoint: "
+                "delete it to restart the run from round 0"
+            )
+        ckpt.check_same_config(saved["config"], self.config.to_dict(), self.run_dir)
+        try:
+            state = self.restore_state(saved)
+            torch.set_rng_state(saved["torch_rng"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
+            raise UserError(
+                f"checkpoint {short_path(where)} is damaged or not a spafl checkpoint ({type(error).__name__}: "
+                f"{short_path(error, 80)}): delete it to restart the run from round 0"
+            ) from None
         self._progress = Progress(self.config.rounds, start=state["round"], enabled=self.show_progress)
         return state
 

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from spafl.errors import UserError
+from spafl.runtime.record import interrupts_deferred
 
 State = dict[str, Any]
 Message = dict[str, torch.Tensor]
@@ -43,6 +44,8 @@ Message = dict[str, torch.Tensor]
 MEMORY_BUDGET = 1 << 30
 CLIENTS_DIR = "clients"
 _FILE = re.compile(r"c(\d+)-r(\d+)\.pt")
+#: what :meth:`DiskStore.put` leaves when a crash interrupts it
+_TEMPORARY = re.compile(r"\.c\d+-r\d+\.pt\.tmp-\d+")
 _TOKENS = itertools.count(1)
 
 
@@ -160,9 +163,13 @@ class DiskStore(ClientStore):
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.path(client_id, version)
         temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        with open(temporary, "wb") as handle:
-            torch.save(state, handle)
-        os.replace(temporary, final)
+        try:
+            with interrupts_deferred(), open(temporary, "wb") as handle:  # torch.save cut by Ctrl-C raises its own error
+                torch.save(state, handle)
+            os.replace(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)  # a full disk or an interrupt: no half-written file stays behind
+            raise
         previous = self.index.get(client_id)
         self.index[client_id] = version
         self.dirty.add(client_id)
@@ -177,28 +184,34 @@ class DiskStore(ClientStore):
         return {"kind": self.kind, "index": dict(self.index)}
 
     def files(self) -> list[Path]:
-        """Every file in the directory (states and temporaries of any run)."""
-        return sorted(self.directory.iterdir()) if self.directory.is_dir() else []
+        """The files of this store in the directory: client states and their temporaries, of any run.
+
+        Nothing else there is touched (a user's notes, a subdirectory).
+        """
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            path for path in self.directory.iterdir()
+            if (_FILE.fullmatch(path.name) or _TEMPORARY.fullmatch(path.name)) and (path.is_file() or path.is_symlink())
+        )
 
     def restore(self, saved):
-        self.index = {int(k): int(v) for k, v in saved["index"].items()}
-        self.committed = dict(self.index)
-        self.dirty = set()
-        keep = {self.path(k, v).name for k, v in self.index.items()}
-        for path in self.files():
-            if path.name not in keep:  # written after the checkpoint, or a crash's leftover
-                path.unlink()
-        missing = [name for name in keep if not (self.directory / name).exists()]
+        index = {int(k): int(v) for k, v in saved["index"].items()}
+        keep = {self.path(k, v).name for k, v in index.items()}
+        missing = [name for name in keep if not (self.directory / name).is_file()]
         if missing:
             raise UserError(
                 f"{len(missing)} client state file(s) the checkpoint references are missing from {self.directory} "
                 f"(e.g. {min(missing)}); the run cannot be resumed"
             )
+        self.index, self.committed, self.dirty = index, dict(index), set()
+        for path in self.files():
+            if path.name not in keep:  # written after the checkpoint, or a crash's leftover
+                path.unlink()
 
     def clear(self):
         for path in self.files():
-            if path.is_file() and (_FILE.fullmatch(path.name) or path.name.startswith(".")):
-                path.unlink()
+            path.unlink()
         self.index, self.committed, self.dirty = {}, {}, set()
 
     def flush(self):

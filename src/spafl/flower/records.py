@@ -213,7 +213,19 @@ def eval_from_metrics(metrics: Mapping[str, Any]) -> ClientEval:
     missing = [name for name in EVAL_FIELDS if name not in metrics]
     if missing:
         raise ValueError(f"evaluation reply lacks {missing}")
-    values = {name: (int(metrics[name]) if name in _INT_FIELDS else float(metrics[name])) for name in EVAL_FIELDS}
+    values: dict[str, Any] = {}
+    for name in EVAL_FIELDS:
+        value = metrics[name]
+        if isinstance(value, (bool, str, bytes, list, tuple)):
+            raise TypeError(f"{name} is a {type(value).__name__}, not a number")
+        value = float(value)
+        if not math.isfinite(value) or value < 0 or (name in _INT_FIELDS and not value.is_integer()):
+            raise ValueError(f"{name} is {value}, not a finite {'count' if name in _INT_FIELDS else 'number'} >= 0")
+        values[name] = int(value) if name in _INT_FIELDS else value
+    if values["correct"] > values["num_test"] or values["majority_correct"] > values["num_test"]:
+        raise ValueError(f"correct {values['correct']} / majority {values['majority_correct']} exceed the {values['num_test']} samples tested")
+    if values["density"] > 1 or values["density_weighted"] > 1:
+        raise ValueError(f"density {values['density']} / {values['density_weighted']} above 1")
     return ClientEval(**values)
 
 

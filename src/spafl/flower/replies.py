@@ -43,14 +43,17 @@ def number(metrics: Mapping[str, Any], key: str, default: float, integral: bool)
     return value
 
 
-def read_replies(replies: Iterable[Message], partitions: Mapping[int, int], round_number: int | None = None) -> Replies:
+def read_replies(
+    replies: Iterable[Message], partitions: Mapping[int, int], round_number: int | None = None, sizes: Mapping[int, int] | None = None,
+) -> Replies:
     """Attribute every train reply to its partition and read it (the round validates what it says).
 
     ``partitions`` maps the node ids the messages went to onto the partition
     ids they were meant for. Rejected here, with the reason logged: a reply
     from an unexpected node, a second reply for a partition, a claim of
     another partition, missing records, numbers or arrays that cannot be
-    read. Error replies (the ClientApp raised, the node went away) are
+    read, more training samples than ``sizes`` allows (the partition's size
+    as its node reported it when it connected). Error replies (the ClientApp raised, the node went away) are
     listed in ``failed``. Every array record that came back counts in the
     bits, accepted or not.
     """
@@ -109,6 +112,11 @@ def read_replies(replies: Iterable[Message], partitions: Mapping[int, int], roun
         if claimed != partition:
             exchange.bits_up += bits
             reject(f"it says partition {claimed}, the message was for partition {partition}")
+            continue
+        size = (sizes or {}).get(partition)
+        if size is not None and stats["num_samples"] > size:
+            exchange.bits_up += bits
+            reject(f"it says it trained on {stats['num_samples']} samples; its node reported {size} when it connected")
             continue
         if unreadable is not None:
             exchange.bits_up += bits

@@ -70,6 +70,7 @@ class GridTransport(Transport):
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.silent: set[int] = set()  # nodes that did not answer the query; not asked again
         self.unresponsive: set[int] = set()  # nodes whose last message got no reply, or an error
+        self.sizes: dict[int, int] = {}  # partition -> training samples its node reported when it connected
         self.data_info: dict[str, Any] | None = None
         self.broadcasts: dict[int, dict] = {}  # round index -> message, every broadcast not yet applied by every partition
         self.applied: dict[int, int] = {}  # partition -> round index of the last broadcast its node applied
@@ -173,11 +174,23 @@ class GridTransport(Transport):
             if partition < 0:  # claims a partition a responsive node holds: asked again next round
                 continue
             self.partition_of[node_id] = partition
+            size = self._reported_size(reply)
+            if size is not None:
+                self.sizes[partition] = size
             self._note_applied(reply)
         for node_id in set(new) - answered:
             log(WARNING, "spafl: node %s did not answer the query within %.0f s", node_id, self.round_timeout)
             self.silent.add(node_id)
         log(INFO, "spafl: %d of %d partitions have a node", len(set(self.partition_of.values())), self.config.num_clients)
+
+    @staticmethod
+    def _reported_size(reply: Message) -> int | None:
+        """The training samples a node says its partition holds (None: it did not say)."""
+        metrics = reply.content.metric_records.get(rec.METRICS) or {}
+        try:
+            return _number(metrics, "num_train", 0, integral=True) if "num_train" in metrics else None
+        except (TypeError, ValueError, OverflowError):
+            return None
 
     def _query_partition(self, reply: Message) -> int | None:
         """The partition a query reply claims, if the node may hold it (None: ignore the node; -1: not now)."""
@@ -258,7 +271,7 @@ class GridTransport(Transport):
         return messages, sent
 
     def read_train(self, replies: Iterable[Message], sent: Mapping[int, int], round_index: int) -> Exchange:
-        read = read_replies(replies, sent, round_index + 1)
+        read = read_replies(replies, sent, round_index + 1, self.sizes)
         read.exchange.missing = len(sent) - len(read.answered)
         read.exchange.bits_down += self.extra_bits_down
         self.extra_bits_down = 0
@@ -319,7 +332,7 @@ class GridTransport(Transport):
             log(WARNING, "spafl: round %d: no evaluation from partitions %s", round_number, missing)
         try:
             return summarize([evaluations[k] for k in sorted(evaluations)])
-        except ValueError as error:
+        except (ValueError, UserError) as error:  # no reply, or none with test data: the row carries the last figures
             log(WARNING, "spafl: round %d: evaluation unusable: %s", round_number, error)
             return None
 

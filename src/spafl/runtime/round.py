@@ -37,10 +37,11 @@ import numpy as np
 
 from spafl.algorithms.base import Algorithm, Message, Reply, State
 from spafl.config import Config
-from spafl.errors import DivergedError
+from spafl.errors import FILE_ERRNOS, DivergedError, UserError, file_error, short_path
 from spafl.metrics.bits import coded_message_bits, message_bits
 from spafl.runtime.record import (
-    METRICS, SUMMARY, MetricsFile, metrics_row, read_metrics, remove_stale_temporaries, summarize_run, truncate_metrics, write_json_atomic,
+    METRICS, SUMMARY, MetricsFile, interrupts_deferred, metrics_row, read_metrics, remove_stale_temporaries, rows_through, summarize_run,
+    write_json_atomic, write_metrics,
 )
 from spafl.seeding import sample_clients
 
@@ -240,7 +241,7 @@ class RoundLoop:
                     "and start a new run"
                 )
             return f"training loss is {loss} (the client diverged)"
-        if reply.num_samples < 0 or steps < 0 or not math.isfinite(flops):
+        if reply.num_samples < 0 or steps < 0 or not math.isfinite(flops) or flops < 0:
             why = f"implausible statistics (num_samples {reply.num_samples}, steps {steps}, flops {flops})"
         else:
             why = self.algorithm.validate_reply(state["server"], reply)
@@ -268,8 +269,39 @@ class RoundLoop:
     def run(self, initial_model: Callable[[], dict], resume: bool, round_fn: Callable[[RunState, int], dict] | None = None) -> dict[str, Any]:
         """Run (or resume) the configured rounds into the run directory; returns summary.json's content.
 
-        ``round_fn`` replaces :meth:`run_round` (an engine that wraps it).
+        ``round_fn`` replaces :meth:`run_round` (an engine that wraps it). A
+        file-system fault (a full disk, a read-only directory) is a one-line
+        UserError naming the file; the last checkpoint and the rows before it
+        are intact, so the run resumes once it is fixed.
         """
+        try:
+            return self._run(initial_model, resume, round_fn)
+        except OSError as error:
+            if error.errno not in FILE_ERRNOS:
+                raise
+            doing = f"cannot write the run record in {short_path(self.run_dir)}"
+            kept = (f"its checkpoint of round {self.checkpointed} and the rows up to it are kept" if self.checkpointed
+                    else "no checkpoint was written yet, so a resume starts it again")
+            raise UserError(f"{file_error(error, doing, self.run_dir)}; {kept}: fix this, then resume the run") from None
+
+    def resumed_rows(self, state: RunState) -> list[dict[str, Any]]:
+        """The rows a resume from ``state`` keeps (0..its round); UserError if the checkpoint and the rows do not fit together.
+
+        Checked before metrics.jsonl changes (loading the checkpoint may only
+        have dropped client files written after it, which the resume recomputes).
+        """
+        done = state["round"]
+        if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+            raise UserError(f"the checkpoint in {short_path(self.run_dir)} is damaged (its round is {done!r})")
+        if done > self.config.rounds:
+            raise UserError(
+                f"the checkpoint in {short_path(self.run_dir)} is at round {done}, but the run has {self.config.rounds} rounds "
+                "(config.json); it is not this run's checkpoint, or config.json was edited: restore rounds >= "
+                f"{done}, or start a new run"
+            )
+        return rows_through(self.run_dir / METRICS, done) if done > 0 else []
+
+    def _run(self, initial_model: Callable[[], dict], resume: bool, round_fn: Callable[[RunState, int], dict] | None) -> dict[str, Any]:
         config = self.config
         round_fn = round_fn or self.run_round
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +309,7 @@ class RoundLoop:
         metrics_path = self.run_dir / METRICS
         state = self.transport.load() if resume else None
         if state is not None:
-            truncate_metrics(metrics_path, state["round"])
+            write_metrics(metrics_path, self.resumed_rows(state))  # rows after the checkpoint's round will be re-run
             self.checkpointed = state["round"]
         else:
             state = self.fresh_state(initial_model())
@@ -298,12 +330,14 @@ class RoundLoop:
                 row = self._row(facts, state, self.evaluates_after(number), began)
                 metrics.append(row)
                 if self.transport.checkpoint_each_round or number % config.checkpoint_every == 0 or number == config.rounds:
-                    metrics.sync()  # the rows before the checkpoint that says they exist
-                    self.transport.save(state)
-                    self.checkpointed = number
+                    with interrupts_deferred():  # a Ctrl-C stops the run after the checkpoint, not half-way through it
+                        metrics.sync()  # the rows before the checkpoint that says they exist
+                        self.transport.save(state)
+                        self.checkpointed = number
                 self.transport.after_row(number, row)
             if config.rounds == 0 and self.checkpointed == 0:
-                self.transport.save(state)
+                with interrupts_deferred():
+                    self.transport.save(state)
         finally:
             metrics.close()
         rows = read_metrics(metrics_path)
