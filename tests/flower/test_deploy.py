@@ -429,3 +429,30 @@ def test_the_deploy_local_command_does_not_import_torch():
     from spafl.runtime import record as rundir
 
     assert (deploy.CONFIG, deploy.SUMMARY) == (rundir.CONFIG, rundir.SUMMARY)
+
+
+def test_private_keys_are_created_owner_only_and_children_bypass_proxies_for_loopback(tmp_path, monkeypatch):
+    from spafl.flower.deploy import local, tls
+
+    created_modes = []
+    real_open = os.open
+
+    def recording_open(path, flags, mode=0o777, *args, **kwargs):
+        if flags & os.O_CREAT:
+            created_modes.append((Path(path).name, mode & 0o777))
+        return real_open(path, flags, mode, *args, **kwargs)
+
+    monkeypatch.setattr(tls.os, "open", recording_open)
+    private, public = tls.write_node_keys(tmp_path / "keys", "node-0")
+    paths = tls.write_tls_files(tmp_path / "certs")
+    for key in (private, paths["ca_key"], paths["server_key"]):
+        assert (key.stat().st_mode & 0o777) == 0o600
+        assert (key.name, 0o600) in created_modes  # owner-only from the moment it exists
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "example.org")
+    monkeypatch.delenv("no_proxy", raising=False)
+    deployment = local.LocalDeployment(tmp_path / "run", 1, log=lambda line: None)
+    env = deployment.env
+    assert env["NO_PROXY"] == "example.org,127.0.0.1,localhost,::1" and env["no_proxy"] == "127.0.0.1,localhost,::1"

@@ -155,6 +155,10 @@ class LocalDeployment(FlwrRuns):
             "PATH": f"{self.bin}{os.pathsep}{env.get('PATH', '')}",
             DEPLOY_ID_ENV: self.deploy_id,
         })
+        # every connection is to this machine: a proxy set for the user's shell (http_proxy, ...) must not take it
+        loopback = "127.0.0.1,localhost,::1"
+        for name in ("NO_PROXY", "no_proxy"):
+            env[name] = f"{env[name]},{loopback}" if env.get(name) else loopback
         return env
 
     def log(self, line: str) -> None:

@@ -75,13 +75,19 @@ def write_tls_files(directory: Path, hosts: Iterable[str] = ("127.0.0.1", "local
     pem = serialization.Encoding.PEM
     key_format = {"encoding": pem, "format": serialization.PrivateFormat.PKCS8,
                   "encryption_algorithm": serialization.NoEncryption()}
-    paths["ca_key"].write_bytes(ca_key.private_bytes(**key_format))
+    write_private(paths["ca_key"], ca_key.private_bytes(**key_format))
     paths["ca_cert"].write_bytes(ca_cert.public_bytes(pem))
-    paths["server_key"].write_bytes(server_key.private_bytes(**key_format))
+    write_private(paths["server_key"], server_key.private_bytes(**key_format))
     paths["server_cert"].write_bytes(server_cert.public_bytes(pem))
-    for key in ("ca_key", "server_key"):
-        os.chmod(paths[key], 0o600)
     return paths
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only from its creation (never a moment at 0644)."""
+    path.unlink(missing_ok=True)
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(handle, "wb") as file:
+        file.write(data)
 
 
 def write_node_keys(directory: Path, name: str) -> tuple[Path, Path]:
@@ -96,9 +102,8 @@ def write_node_keys(directory: Path, name: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / name, directory / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
-    os.chmod(private, 0o600)
+    write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                             serialization.NoEncryption()))
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                      serialization.PublicFormat.OpenSSH) + f" {name}\n".encode())
     return private, public
