@@ -1,6 +1,7 @@
 """Config keys have one owner each; method, dataset and model names come from one registry each."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -141,39 +142,29 @@ def test_keys_listing_is_grouped_by_owner():
     assert "[spafl]" not in fedavg and "th_coeff" not in fedavg and "\noptimizer_scope = " in fedavg
 
 
-HETEROFL = {"heterofl_rates", "heterofl_mode", "heterofl_label_split"}
-FJORD = {"fjord_widths", "fjord_distill"}
+#: The keys each baseline owns (the shared ones aside).
+BASELINE_KEYS = {
+    "fedpm": {"fedpm_optimizer", "fedpm_lr", "fedpm_prior_reset"},
+    "heterofl": {"heterofl_rates", "heterofl_mode", "heterofl_label_split"},
+    "fjord": {"fjord_widths", "fjord_distill"},
+    "fedp3": {"fedp3_upload", "fedp3_global_keep", "fedp3_local_prune", "fedp3_final_layer", "fedp3_weighting"},
+    "fedspa": {"fedspa_density", "fedspa_prune_rate"},
+    "lotteryfl": {"lotteryfl_start_acc", "lotteryfl_end_density", "lotteryfl_prune_percent"},
+}
 
 
-def test_the_width_slicing_baselines_own_their_keys():
-    assert keys_of("heterofl") == HETEROFL and keys_of("fjord") == FJORD
-    for name, own in (("heterofl", HETEROFL), ("fjord", FJORD)):
-        assert ALGORITHMS[name].keys() == keys_of(*SHARED_OWNERS) | own
+@pytest.mark.parametrize("name", list(BASELINE_KEYS))
+def test_each_baseline_owns_exactly_its_keys(name):
+    assert keys_of(name) == BASELINE_KEYS[name]
+    assert ALGORITHMS[name].keys() == keys_of(*SHARED_OWNERS) | BASELINE_KEYS[name]
 
 
-FEDP3 = {"fedp3_upload", "fedp3_global_keep", "fedp3_local_prune", "fedp3_final_layer", "fedp3_weighting"}
-LOTTERYFL = {"lotteryfl_start_acc", "lotteryfl_end_density", "lotteryfl_prune_percent"}
-
-
-def test_fedp3_and_lotteryfl_own_their_keys():
-    assert keys_of("fedp3") == FEDP3 and keys_of("lotteryfl") == LOTTERYFL
-    for name, own in (("fedp3", FEDP3), ("lotteryfl", LOTTERYFL)):
-        assert ALGORITHMS[name].keys() == keys_of(*SHARED_OWNERS) | own
-    with pytest.raises(UserError, match="^fedp3_upload must be one of opu2, opu3; got 'opu4'$"):
-        build_config(None, None, {"fedp3_upload": "opu4"})
-    with pytest.raises(UserError, match="^lotteryfl_prune_percent must be <= 99; got 100.0$"):
-        build_config(None, None, {"lotteryfl_prune_percent": 100})
-
-
-FEDPM = {"fedpm_optimizer", "fedpm_lr", "fedpm_prior_reset"}
-FEDSPA = {"fedspa_density", "fedspa_prune_rate"}
-
-
-def test_fedpm_and_fedspa_own_their_keys():
-    assert keys_of("fedpm") == FEDPM and keys_of("fedspa") == FEDSPA
-    for name, own in (("fedpm", FEDPM), ("fedspa", FEDSPA)):
-        assert ALGORITHMS[name].keys() == keys_of(*SHARED_OWNERS) | own
-    with pytest.raises(UserError, match="^fedpm_optimizer must be one of adam, sgd; got 'rmsprop'$"):
-        build_config(None, None, {"fedpm_optimizer": "rmsprop"})
-    with pytest.raises(UserError, match="^fedspa_density must be > 0 and <= 1; got 0.0$"):
-        build_config(None, None, {"fedspa_density": 0})
+@pytest.mark.parametrize("key, value, message", [
+    ("fedp3_upload", "opu4", "fedp3_upload must be one of opu2, opu3; got 'opu4'"),
+    ("lotteryfl_prune_percent", 100, "lotteryfl_prune_percent must be <= 99; got 100.0"),
+    ("fedpm_optimizer", "rmsprop", "fedpm_optimizer must be one of adam, sgd; got 'rmsprop'"),
+    ("fedspa_density", 0, "fedspa_density must be > 0 and <= 1; got 0.0"),
+])
+def test_a_baseline_key_outside_its_bounds_is_one_line(key, value, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        build_config(None, None, {key: value})
