@@ -99,8 +99,12 @@ class GridTransport(Transport):
         """Send ``messages`` and collect replies until all are in or ``round_timeout`` has passed."""
         if not messages:
             return []
+        measured: dict[int, int] = {}  # an evaluation's one server-state record goes to every node: measure it once
         for message in messages:
-            self.wire_down += sum(rec.wire_bytes(record) for record in message.content.array_records.values())
+            for record in message.content.array_records.values():
+                if id(record) not in measured:
+                    measured[id(record)] = rec.wire_bytes(record)
+                self.wire_down += measured[id(record)]
         pending = {str(i) for i in self.grid.push_messages(messages) if i}
         deadline = time.monotonic() + self.round_timeout
         replies: list[Message] = []
