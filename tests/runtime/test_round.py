@@ -77,7 +77,7 @@ class Scripted(Transport):
     def evaluate(self, round_number, server):
         return {"accuracy": 50.0 + round_number, "density": 1.0, "density_weighted": 1.0}
 
-    def fresh(self, state):
+    def fresh(self, state, initial_model):
         pass
 
     def save(self, state):

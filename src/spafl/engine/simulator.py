@@ -95,8 +95,8 @@ class Simulator(Transport):
         return provenance(self.threads, dataset.checksums, dataset.source)
 
     # -- the transport ------------------------------------------------------------
-    def fresh(self, state: RunState) -> None:
-        state["clients"] = self._clients(self._initial_model())
+    def fresh(self, state: RunState, initial_model: dict) -> None:
+        state["clients"] = self._clients(initial_model)  # every client shares it until it is written
         state["clients"].store.clear()  # files of an earlier run in this directory
         self._state = state
         self._progress = Progress(self.config.rounds, start=0, enabled=self.show_progress)

@@ -361,7 +361,7 @@ class GridTransport(Transport):
                 fmt(row["accuracy"]), fmt(row["density"], 3), row["bits_cum"] / 1e9)
 
     # -- checkpoints ---------------------------------------------------------------------
-    def fresh(self, state: RunState) -> None:
+    def fresh(self, state: RunState, initial_model: dict) -> None:
         self.resumed = set()
         self.wire_up = self.wire_down = 0
 

@@ -133,8 +133,8 @@ class Transport(ABC):
         return {}
 
     @abstractmethod
-    def fresh(self, state: RunState) -> None:
-        """Start a new run: add what the transport keeps to ``state``, clear what an earlier run left."""
+    def fresh(self, state: RunState, initial_model: dict) -> None:
+        """Start a new run from ``initial_model``: add what the transport keeps to ``state``, clear what an earlier run left."""
 
     @abstractmethod
     def save(self, state: RunState) -> None:
@@ -312,8 +312,9 @@ class RoundLoop:
             write_metrics(metrics_path, self.resumed_rows(state))  # rows after the checkpoint's round will be re-run
             self.checkpointed = state["round"]
         else:
-            state = self.fresh_state(initial_model())
-            self.transport.fresh(state)
+            initial = initial_model()
+            state = self.fresh_state(initial)
+            self.transport.fresh(state, initial)
             metrics_path.write_text("")
         metrics = MetricsFile(metrics_path)
         try:
