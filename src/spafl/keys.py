@@ -147,7 +147,10 @@ class Config:
         1, "evaluate the clients (all, or the eval_clients subset) every this many rounds (and always at the last round)", 1,
         owner="engine",
     )
-    eval_batch_size: int = _num(1000, "batch size for evaluation", 1, owner="engine")
+    eval_batch_size: int = _num(
+        0, "batch size for evaluation (0: batch_size, as the reference code; SpaFL's collapse guard acts between batches)", 0,
+        owner="engine",
+    )
     checkpoint_every: int = _num(10, "write a checkpoint every this many rounds (and at the last round)", 1, owner="engine")
     device: str = _choice("cpu", ("cpu", "cuda"), "where to compute", owner="engine")
     threads: int = _num(
@@ -299,6 +302,11 @@ class Config:
         20.0, "percent of each layer's remaining weights a pruning removes (smallest |w|), then rewinds to the initial weights",
         0, 99, owner="lotteryfl",
     )
+
+    @property
+    def evaluation_batch(self) -> int:
+        """The batch size clients evaluate with: ``eval_batch_size``, or ``batch_size`` where that is 0."""
+        return self.eval_batch_size or self.batch_size
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

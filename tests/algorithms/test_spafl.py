@@ -294,3 +294,68 @@ def test_a_down_message_without_the_delta_it_needs_is_refused():
     client = algo.init_client(0, SPEC.initial_state(0))
     with pytest.raises(ValueError, match="lacks delta"):
         algo.client_update(client, {"thresholds/fc1": torch.zeros(3), "thresholds/fc2": torch.zeros(2)}, tiny_data(), ClientTask(0, 0, 0))
+
+
+# -- the collapse guard across evaluation and the next round (the reference's order) ---------
+
+def collapsed(algo, kept_fraction):
+    """Client 0 with every fc1 unit pruned (threshold 10); its last forward pass saw ``kept_fraction`` of fc1."""
+    state = algo.init_client(0, SPEC.initial_state(0))
+    weights = dict(state["model"])
+    weights["fc1.threshold"] = torch.full((3,), 10.0)
+    weights["fc1.kept_fraction"] = torch.tensor(kept_fraction)
+    return {**state, "model": weights}
+
+
+def test_evaluation_resets_a_collapsed_layer_and_the_client_keeps_the_reset():
+    algo = algorithm()
+    client = collapsed(algo, 0.0)  # training ended with fc1 at 0 %
+    result = algo.evaluate(algo.evaluation_state(client, None), tiny_data(), 2)
+    assert result.guard_resets == 1  # fc1, at the first batch
+    assert result.after["fc1.threshold"].tolist() == [0.0, 0.0, 0.0]
+    assert float(result.after["fc1.kept_fraction"]) == 1.0
+    assert result.layer_density == {"fc1": 1.0, "fc2": 1.0}
+    kept = algo.absorb_evaluation(client, result.after)
+    assert kept["model"]["fc1.threshold"].tolist() == [0.0, 0.0, 0.0] and kept["optimizer"] is client["optimizer"]
+
+
+def test_global_thresholds_received_after_an_evaluation_are_not_reset():
+    """Evaluated as the reference evaluates every client each round, a client trains from the thresholds it receives.
+
+    With lr tiny and no penalty the upload is tau_g (to float precision); the
+    same client not evaluated in between still has fc1's stale 0 % and its
+    guard zeroes the freshly received fc1 thresholds at the first step.
+    """
+    algo = algorithm(lr=1e-12, th_coeff=0.0)
+    data, task = tiny_data(), ClientTask(client_id=0, round_index=3, seed=0)
+    tau_fc1, tau_fc2 = [0.01, 0.02, 0.03], [0.01, 0.02]
+    client = collapsed(algo, 0.0)
+    evaluated = algo.absorb_evaluation(client, algo.evaluate(algo.evaluation_state(client, None), data, 2).after)
+    result = algo.client_update(evaluated, down_message(algo, tau_fc1, tau_fc2), data, task)
+    assert result.stats["guard_resets"] == 0
+    assert result.message["thresholds/fc1"].tolist() == pytest.approx(tau_fc1)
+    stale = algo.client_update(client, down_message(algo, tau_fc1, tau_fc2), data, task)
+    assert stale.stats["guard_resets"] == 1
+    assert stale.message["thresholds/fc1"].tolist() == pytest.approx([0.0, 0.0, 0.0], abs=1e-9)
+
+
+def test_a_collapse_seen_by_the_first_evaluation_batch_is_reset_before_the_second():
+    """Evaluating in batches, as the reference (batch_size 64), the guard acts between batches."""
+    algo = algorithm()
+    data = tiny_data()  # 4 test samples
+    client = collapsed(algo, 1.0)  # fc1 pruned by its thresholds, but the last forward pass still kept it all
+    two = algo.evaluate(algo.evaluation_state(client, None), data, 2)
+    assert two.guard_resets == 1 and not two.settled
+    assert two.after["fc1.threshold"].tolist() == [0.0, 0.0, 0.0]
+    # batch 1 ran with fc1 pruned (all-zero logits: class 0), batch 2 with the reset thresholds
+    dense = Tiny()
+    dense.load_state_dict({**client["model"], "fc1.threshold": torch.zeros(3)})
+    dense.eval()
+    with torch.no_grad():
+        second = dense(data.preprocess(data.test_x[2:])).argmax(1)
+    expected = int((data.test_y[:2] == 0).sum()) + int((second == data.test_y[2:]).sum())
+    assert two.correct == expected
+    one = algo.evaluate(algo.evaluation_state(client, None), data, 4)  # one batch: no later forward pass to reset
+    assert one.guard_resets == 0 and not one.settled and one.correct == int((data.test_y == 0).sum())
+    assert one.after["fc1.threshold"].tolist() == [10.0, 10.0, 10.0] and float(one.after["fc1.kept_fraction"]) == 0.0
+    assert one.layer_density == {"fc1": 0.0, "fc2": 1.0}

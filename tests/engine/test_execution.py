@@ -23,8 +23,11 @@ def test_fast_and_reference_paths_give_the_same_metrics(tmp_path, synthetic):
     reference = run(tmp_path, synthetic, "reference")
     assert len(fast) == len(reference) == 4
     assert fast[-1]["density"] < 0.9  # units were pruned, so the fast path did compute less
+    # a layer collapsed after the first batch of an evaluation: the paths agree on where the guard acted
+    assert sum(row["guard_resets_eval"] for row in fast) >= 1
     for a, b in zip(fast, reference):
-        for key in ("round", "sampled", "bits_up", "bits_down", "bits_cum", "density", "density_weighted", "clients_evaluated"):
+        for key in ("round", "sampled", "bits_up", "bits_down", "bits_cum", "density", "density_weighted", "clients_evaluated",
+                    "density_layers", "guard_resets_train", "guard_resets_eval"):
             assert a[key] == b[key], key
         assert abs(a["accuracy"] - b["accuracy"]) <= 0.5
         assert abs(a["flops_cum"] - b["flops_cum"]) <= 1e-6 * max(1.0, b["flops_cum"])

@@ -132,3 +132,21 @@ def test_record_masks_stores_packed_kept_bits_per_client_and_layer(tmp_path, syn
         model = sim.algorithm.workspace(state["clients"].load(client_id)["model"])
         kept = model.fc1.kept_units().numpy()
         assert (np.unpackbits(last["fc1"][client_id], count=500).astype(bool) == kept).all()
+
+
+def test_an_evaluation_that_resets_a_collapsed_layer_is_stored_and_counted(tmp_path, synthetic):
+    """The guard's reset during evaluation stays in the client's state, as in the reference; rows count it."""
+    config = small_config(num_clients=4, clients_per_round=2, rounds=1)
+    sim = Simulator(config, tmp_path / "r", federation=build_federation(config, synthetic), progress=False)
+    state = sim.fresh_state()
+    clients = state["clients"]
+    model = dict(clients[1]["model"])
+    model["fc1.threshold"] = torch.full_like(model["fc1.threshold"], 100.0)
+    model["fc1.kept_fraction"] = torch.tensor(0.0)  # training ended with fc1 collapsed
+    clients.save(1, {**clients[1], "model": model})
+    first = sim.evaluate_state(state)
+    assert first["guard_resets_eval"] == 1
+    assert clients[1]["model"]["fc1.threshold"].abs().sum() == 0 and float(clients[1]["model"]["fc1.kept_fraction"]) == 1.0
+    assert first["density_layers"]["fc1"] == 1.0 and set(first["density_layers"]) == {"conv1", "conv2", "fc1", "fc2"}
+    second = sim.evaluate_state(state)  # evaluated again (the first was not settled): nothing left to reset
+    assert second["guard_resets_eval"] == 0 and second["accuracy"] == first["accuracy"]

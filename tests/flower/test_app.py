@@ -504,3 +504,13 @@ def test_every_number_a_node_reports_is_checked_and_a_bad_reply_is_rejected_with
     for bad in ({"correct": 11}, {"density": math.nan}, {"loss_sum": math.inf}, {"num_test": -1}, {"density_weighted": 1.5}, {"correct": 2.5}):
         with pytest.raises((ValueError, TypeError)):
             rec.eval_from_metrics({**evaluation, **bad})
+
+
+def test_the_collapse_guard_acts_at_the_same_moments_on_the_grid_as_in_process(tmp_path):
+    """A node keeps what its evaluation's guard reset, as the simulator's client store does: same rows, resets included."""
+    extra = "th_coeff=0.2; lr=0.01; eval_every=1; rounds=4"
+    Simulator(spafl_config(extra), tmp_path / "inprocess", progress=False).run()
+    theirs = read_metrics(tmp_path / "inprocess" / "metrics.jsonl")
+    assert sum(row["guard_resets_eval"] for row in theirs) >= 1
+    ours = read_metrics(_run_local(tmp_path, extra=extra) / "metrics.jsonl")
+    _same_rows(ours, theirs)

@@ -149,6 +149,11 @@ class Algorithm(ABC):
     #: beside the raw bits (for an algorithm whose masks an arithmetic coder would compress).
     reports_coded_bits: ClassVar[bool] = False
 
+    @property
+    def has_collapse_guard(self) -> bool:
+        """Whether rows count the collapse guard's resets (``guard_resets_train``; its evaluation reports ``guard_resets``)."""
+        return False
+
     @classmethod
     def keys(cls) -> frozenset[str]:
         """Every config key that changes what this algorithm does: the shared ones and those it owns.
@@ -229,6 +234,14 @@ class Algorithm(ABC):
         masked per weight overrides this.
         """
         return evaluate_client(self.workspace(weights), data, batch_size, self.device)
+
+    def absorb_evaluation(self, client: State, weights: dict[str, torch.Tensor]) -> State:
+        """The client's state after an evaluation that changed its weights (:attr:`ClientEval.after`).
+
+        Only a method whose evaluation can change the model (SpaFL's collapse
+        guard) returns ``after``; it overrides this to keep those weights.
+        """
+        raise NotImplementedError(f"{self.name}'s evaluation does not change a client's weights")
 
     def validate_reply(self, server: State, reply: Reply) -> str | None:
         """Why a reply must be rejected (None: it is acceptable)."""

@@ -168,7 +168,7 @@ class LotteryFL(MaskedDenseAlgorithm):
         if data.num_train == 0:
             return 0.0
         on_train = dataclasses.replace(data, test_x=data.train_x, test_y=data.train_y)
-        correct, _ = evaluate_model(model, on_train, self.config.eval_batch_size, self.device)
+        correct, _ = evaluate_model(model, on_train, self.config.evaluation_batch, self.device)
         return correct / data.num_train
 
     def client_update(self, client, message, data, task):

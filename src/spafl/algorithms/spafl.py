@@ -13,6 +13,17 @@ variant is a config key (see :class:`spafl.config.Config` and SPEC §3-§4).
 Message names: ``thresholds/<layer>`` (tau_g down, tau_k up) and
 ``delta/<layer>`` (Delta tau_g, only with ``importance_delta=server_sends``
 where the importance update needs it).
+
+The collapse guard (:class:`spafl.nn.MaskedLayer`) acts at every forward
+pass, evaluation included, on the kept fraction of the pass before, as in
+the reference: evaluating a client is part of its history. A client whose
+training ended with a layer at <= 1 % has that layer's thresholds reset by
+its next evaluation (in the reference's batches, ``eval_batch_size=0``:
+from the second batch on); its state keeps the reset thresholds and the
+kept fraction its evaluation last measured, so the global thresholds it
+receives next are not reset at its next round unless its own last forward
+pass had collapsed. Rows count the resets (``guard_resets_train``,
+``guard_resets_eval``).
 """
 
 from __future__ import annotations
@@ -25,8 +36,9 @@ from torch import nn
 from spafl.algorithms.aggregate import stacked_mean
 from spafl.algorithms.base import Algorithm, ClientResult, Message, State, check_named_tensors, pack, unpack
 from spafl.algorithms.local_sgd import Hooks, client_optimizer, export_optimizer, train_local
+from spafl.metrics.evaluation import ClientEval, evaluate_client
 from spafl.metrics.flops import batches_per_epoch, dense_macs_per_sample, training_flops
-from spafl.nn import get_thresholds, masked_layers, num_masked_weights, set_thresholds
+from spafl.nn import COLLAPSE_FRACTION, get_thresholds, layer_densities, masked_layers, num_masked_weights, set_thresholds
 
 THRESHOLDS = "thresholds/"
 DELTA = "delta/"
@@ -115,6 +127,10 @@ class SpaFL(Algorithm):
         return message
 
     @property
+    def has_collapse_guard(self) -> bool:
+        return self.config.collapse_guard
+
+    @property
     def may_broadcast(self) -> bool:
         return self.config.importance_update == "all_after_aggregation" and not self.config.frozen_weights
 
@@ -178,13 +194,15 @@ class SpaFL(Algorithm):
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.endswith("threshold") or not c.frozen_weights)
         optimizer = client_optimizer(model.parameters(), c, client, task.round_index)
+        resets_before = guard_resets(model)
         loss, steps = train_local(
             model, data, task, epochs=c.local_epochs, batch_size=c.batch_size, optimizer=optimizer, device=self.device,
             grad_clip=c.grad_clip, hooks=self._hooks(model, task.round_index),
         )
         for parameter in model.parameters():
             parameter.requires_grad_(True)
-        densities = {name: layer.density() for name, layer in masked_layers(model)}
+        resets = guard_resets(model) - resets_before
+        densities = layer_densities(model)
         flops = training_flops(
             self.dense_macs, densities, data.num_train, c.local_epochs,
             c.local_epochs * batches_per_epoch(data.num_train, c.batch_size), self.num_thresholds, self.num_masked_weights,
@@ -192,7 +210,8 @@ class SpaFL(Algorithm):
         client["model"] = self.export(model)
         client["optimizer"] = export_optimizer(optimizer) if c.optimizer_scope == "persistent" else None
         up = pack(THRESHOLDS, {name: tensor.to("cpu") for name, tensor in get_thresholds(model).items()})
-        return ClientResult(client, up, {"train_loss": loss, "steps": steps, "flops": flops, "num_samples": data.num_train})
+        stats = {"train_loss": loss, "steps": steps, "flops": flops, "num_samples": data.num_train, "guard_resets": resets}
+        return ClientResult(client, up, stats)
 
     # -- server ----------------------------------------------------------------
     def validate_reply(self, server, reply):
@@ -212,3 +231,33 @@ class SpaFL(Algorithm):
 
     def evaluation_state(self, client, server):
         return client["model"]
+
+    def evaluate(self, weights, data, batch_size) -> ClientEval:
+        """The client's own model on its test split, with per-layer densities and what the collapse guard did.
+
+        ``after`` holds the weights as evaluating left them where the guard
+        reset thresholds or the kept fractions changed; ``settled`` is False
+        where evaluating them again would differ (a reset mid-evaluation, or
+        a layer left at <= 1 %, which the next forward pass resets).
+        """
+        model = self.workspace(weights)
+        layers = [layer for _, layer in masked_layers(model)]
+        fired = guard_resets(model)
+        kept = [float(layer.kept_fraction) for layer in layers]
+        result = evaluate_client(model, data, batch_size, self.device)
+        resets = guard_resets(model) - fired
+        changed = resets > 0 or kept != [float(layer.kept_fraction) for layer in layers]
+        collapsed = any(layer.collapse_guard and float(layer.kept_fraction) <= COLLAPSE_FRACTION for layer in layers)
+        result.layer_density = layer_densities(model)
+        result.guard_resets = resets
+        result.after = self.export(model) if changed else None
+        result.settled = resets == 0 and not collapsed
+        return result
+
+    def absorb_evaluation(self, client, weights):
+        return {**client, "model": weights}
+
+
+def guard_resets(model: nn.Module) -> int:
+    """How many times the collapse guards of ``model``'s masked layers have fired since it was built."""
+    return sum(layer.guard_resets for _, layer in masked_layers(model))

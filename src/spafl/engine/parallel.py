@@ -114,12 +114,17 @@ TrainJob = tuple[int, State, Message, ClientTask, State | None]
 
 
 def _train(job: TrainJob) -> tuple[ClientResult, ClientEval | None]:
+    """The client's update; with a server state, its evaluation too, and the state as evaluating left it."""
     client_id, client, message, task, server = job
     algorithm: Algorithm = _inherited["algorithm"]
     result = algorithm.client_update(client, message, _inherited["clients"][client_id], task)
     if server is None:
         return result, None
-    return result, _evaluate((client_id, algorithm.evaluation_state(result.state, server)))
+    evaluation = _evaluate((client_id, algorithm.evaluation_state(result.state, server)))
+    if evaluation.after is not None:
+        result.state = algorithm.absorb_evaluation(result.state, evaluation.after)
+        evaluation.after = None
+    return result, evaluation
 
 
 def _evaluate(job: tuple[int, dict[str, torch.Tensor]]) -> ClientEval:

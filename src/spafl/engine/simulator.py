@@ -54,10 +54,11 @@ class Simulator(Transport):
         self.show_progress = progress
         self.evaluated_clients = evaluation_clients(config)
         self.workers = resolve_workers(config.workers, config.device, config.clients_per_round)
-        self.runner = ClientRunner(self.algorithm, self.federation.clients, config.eval_batch_size, self.workers)
+        self.runner = ClientRunner(self.algorithm, self.federation.clients, config.evaluation_batch, self.workers)
         self.loop = RoundLoop(config, self.algorithm, self, self.run_dir)
         self._memo_token = 0
         self._memo: dict[int, tuple[int | None, ClientEval]] = {}
+        self._this_round: dict[int, tuple[int | None, ClientEval]] = {}  # evaluations train() made that only this round uses
         self._state: RunState | None = None  # the run state the transport's calls refer to
         self._progress: Progress | None = None
 
@@ -153,9 +154,10 @@ class Simulator(Transport):
             jobs.append((client_id, clients.load(client_id, write_back=False), down, task, server if client_id in evaluate_here else None))
         exchange = Exchange()
         for (client_id, _), (result, evaluation) in zip(sends, self.runner.train(jobs)):
-            clients.save(client_id, result.state)
+            clients.save(client_id, result.state)  # as its evaluation left it, where it was evaluated here
             if evaluation is not None:  # a broadcast below changes the revision, and then this is not used
-                memo[client_id] = (clients.revision(client_id), evaluation)
+                # this round's evaluation of the client, whether or not a later one may reuse it
+                (memo if evaluation.settled else self._this_round)[client_id] = (clients.revision(client_id), evaluation)
             exchange.received.append(Received(client_id, result.message, result.stats, message_bits(result.message)))
         return exchange
 
@@ -187,20 +189,30 @@ class Simulator(Transport):
         compute is that of the clients trained (or sent a broadcast) since.
         A client :meth:`train` trained was evaluated already, by the
         process that trained it (see :meth:`ClientRunner.train`).
+
+        An evaluation that changed the client's weights (SpaFL's collapse
+        guard: :attr:`ClientEval.after`) is stored as the client's state; it
+        is kept for reuse only where evaluating that state again gives the
+        same result (:attr:`ClientEval.settled`).
         """
         memo = self._evaluation_memo(clients)
+        this_round, self._this_round = self._this_round, {}
         results: dict[int, ClientEval] = {}
         stale = []
         for client_id in self.evaluated_clients:
-            known = memo.get(client_id)
+            known = this_round.get(client_id) or memo.get(client_id)
             if known is not None and known[0] == clients.revision(client_id):
                 results[client_id] = known[1]
             else:
                 stale.append(client_id)
         jobs = ((client_id, self.algorithm.evaluation_state(clients.load(client_id), server)) for client_id in stale)
         for client_id, result in zip(stale, self.runner.evaluate(jobs)):
+            if result.after is not None:
+                clients.save(client_id, self.algorithm.absorb_evaluation(clients.load(client_id), result.after))
+                result.after = None
             results[client_id] = result
-            memo[client_id] = (clients.revision(client_id), result)  # loading wrote back any broadcasts it applied
+            if result.settled:
+                memo[client_id] = (clients.revision(client_id), result)  # loading wrote back any broadcasts it applied
         return summarize([results[client_id] for client_id in self.evaluated_clients])
 
     def _memoizes(self) -> bool:

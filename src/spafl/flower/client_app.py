@@ -270,6 +270,7 @@ def handle_train(message: Message, context: Context, run_overrides=None, node_ov
         "steps": int(stats.get("steps", 0)),
         "flops": float(stats.get("flops", 0.0)),
         "num_samples": int(stats.get("num_samples", 0)),
+        "guard_resets": int(stats.get("guard_resets", 0)),
         "round": round_index,
     }
     return _reply(message, node, client, metrics, arrays=rec.to_array_record(result.message))
@@ -293,7 +294,10 @@ def handle_evaluate(message: Message, context: Context, run_overrides=None, node
     client = load_client(context, node, state_dir, config)
     if apply_broadcasts(node, client, message):
         save_client(context, node, state_dir, client, config)
-    evaluation = node.algorithm.evaluate(node.algorithm.evaluation_state(client.state, server), node.data, node.config.eval_batch_size)
+    evaluation = node.algorithm.evaluate(node.algorithm.evaluation_state(client.state, server), node.data, node.config.evaluation_batch)
+    if evaluation.after is not None:  # the collapse guard changed the model while it was evaluated: it stays so
+        client.state = node.algorithm.absorb_evaluation(client.state, evaluation.after)
+        save_client(context, node, state_dir, client, config)
     return _reply(message, node, client, rec.eval_to_metrics(evaluation))
 
 

@@ -202,11 +202,21 @@ EVAL_FIELDS = ("correct", "loss_sum", "num_test", "majority_correct", "density",
 _INT_FIELDS = {"correct", "num_test", "majority_correct"}
 
 
+#: Optional evaluation figures (SpaFL's): ``density/<layer>`` per masked layer, and the collapse guard's resets.
+LAYER_DENSITY = "density/"
+GUARD_RESETS = "guard_resets"
+
+
 def eval_to_metrics(evaluation: ClientEval) -> dict[str, int | float]:
-    return {
+    metrics: dict[str, int | float] = {
         name: (int(getattr(evaluation, name)) if name in _INT_FIELDS else float(getattr(evaluation, name)))
         for name in EVAL_FIELDS
     }
+    for layer, density in (evaluation.layer_density or {}).items():
+        metrics[LAYER_DENSITY + layer] = float(density)
+    if evaluation.guard_resets is not None:
+        metrics[GUARD_RESETS] = int(evaluation.guard_resets)
+    return metrics
 
 
 def eval_from_metrics(metrics: Mapping[str, Any]) -> ClientEval:
@@ -226,7 +236,23 @@ def eval_from_metrics(metrics: Mapping[str, Any]) -> ClientEval:
         raise ValueError(f"correct {values['correct']} / majority {values['majority_correct']} exceed the {values['num_test']} samples tested")
     if values["density"] > 1 or values["density_weighted"] > 1:
         raise ValueError(f"density {values['density']} / {values['density_weighted']} above 1")
-    return ClientEval(**values)
+    layers = {key[len(LAYER_DENSITY):]: _fraction(key, metrics[key]) for key in metrics if key.startswith(LAYER_DENSITY)}
+    resets = metrics.get(GUARD_RESETS)
+    if resets is not None:
+        resets = float(resets) if not isinstance(resets, (bool, str, bytes, list, tuple)) else math.nan
+        if not math.isfinite(resets) or resets < 0 or not resets.is_integer():
+            raise ValueError(f"{GUARD_RESETS} is {metrics.get(GUARD_RESETS)!r}, not a count >= 0")
+        resets = int(resets)
+    return ClientEval(**values, layer_density=layers or None, guard_resets=resets)
+
+
+def _fraction(key: str, value: Any) -> float:
+    if isinstance(value, (bool, str, bytes, list, tuple)):
+        raise TypeError(f"{key} is a {type(value).__name__}, not a number")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"{key} is {value}, not a fraction in [0, 1]")
+    return value
 
 
 def metric_record(values: Mapping[str, Any]) -> MetricRecord:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,15 @@ class ClientEval:
     majority_correct: int
     density: float
     density_weighted: float
+    #: per masked layer, kept weights / all weights (methods that report it: SpaFL)
+    layer_density: dict[str, float] | None = None
+    #: collapse-guard resets while evaluating (SpaFL; None where there is no guard)
+    guard_resets: int | None = None
+    #: the evaluated weights as evaluating left them, where that changed them (the collapse guard): the engine
+    #: stores them as the client's (:meth:`Algorithm.absorb_evaluation`); never sent over a network
+    after: dict | None = field(default=None, repr=False)
+    #: whether evaluating ``after`` (or the weights given, when ``after`` is None) again gives this same result
+    settled: bool = True
 
 
 @torch.no_grad()
@@ -71,7 +80,9 @@ def summarize(evals: list[ClientEval]) -> dict[str, float]:
     that have test data (percent), ``accuracy_std_clients`` the (population)
     standard deviation of per-client accuracy; ``accuracy_weighted`` pools all test
     samples; ``loss`` is the pooled mean test cross-entropy; densities are
-    means over all evaluated clients.
+    means over all evaluated clients, ``density_layers`` per masked layer
+    (where every evaluation reports it); ``guard_resets_eval`` the collapse
+    guard's resets summed over clients (where the method has the guard).
     """
     with_data = [e for e in evals if e.num_test > 0]
     total = sum(e.num_test for e in with_data)
@@ -88,4 +99,15 @@ def summarize(evals: list[ClientEval]) -> dict[str, float]:
         "density": sum(e.density for e in evals) / len(evals),
         "density_weighted": sum(e.density_weighted for e in evals) / len(evals),
         "clients_evaluated": len(with_data),
+        **_layer_figures(evals),
     }
+
+
+def _layer_figures(evals: list[ClientEval]) -> dict[str, object]:
+    figures: dict[str, object] = {}
+    if evals and all(e.layer_density is not None and e.layer_density.keys() == evals[0].layer_density.keys() for e in evals):
+        names = list(evals[0].layer_density)
+        figures["density_layers"] = {name: sum(e.layer_density[name] for e in evals) / len(evals) for name in names}
+    if any(e.guard_resets is not None for e in evals):
+        figures["guard_resets_eval"] = sum(e.guard_resets or 0 for e in evals)
+    return figures

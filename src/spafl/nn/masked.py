@@ -50,8 +50,14 @@ class MaskedLayer(nn.Module):
         Reference behaviour: at the start of every forward pass (evaluation
         included), if the kept fraction measured at the *previous* forward
         pass was <= 1 %, all thresholds of this layer are reset to 0.
+        ``kept_fraction`` is part of the state dict, so a client's next
+        forward pass (its evaluation, or its next round's training) sees the
+        fraction of the last one it made, wherever that ran.
     kept_fraction:
         Buffer holding the kept-unit fraction of the last forward pass.
+    guard_resets:
+        How many times this module's guard has fired (a counter for the
+        caller to difference; not part of the state dict).
     """
 
     weight: torch.Tensor
@@ -65,6 +71,7 @@ class MaskedLayer(nn.Module):
         self.ste = ste
         self.collapse_guard = collapse_guard
         self.masking = True
+        self.guard_resets = 0
         self.threshold = nn.Parameter(torch.zeros(self.weight.shape[0], device=self.weight.device, dtype=self.weight.dtype))
         self.register_buffer("kept_fraction", torch.ones((), device=self.weight.device, dtype=self.weight.dtype))
 
@@ -96,6 +103,7 @@ class MaskedLayer(nn.Module):
         if self.collapse_guard and float(self.kept_fraction) <= COLLAPSE_FRACTION:
             with torch.no_grad():
                 self.threshold.zero_()
+            self.guard_resets += 1
 
     def _trains_thresholds(self) -> bool:
         return self.threshold.requires_grad and torch.is_grad_enabled()

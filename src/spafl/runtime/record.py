@@ -174,6 +174,12 @@ def metrics_row(base: dict[str, Any], last_eval: dict[str, Any] | None, evaluate
     carried = last_eval or {}
     row = {"round": base["round"], "evaluated": evaluated}
     row.update({key: carried.get(key) for key in EVAL_KEYS})
+    # figures only some methods have (SpaFL): per-layer density, carried like the others; the collapse
+    # guard's resets while evaluating, a count of that evaluation's (0 in a row without one)
+    if "density_layers" in carried:
+        row["density_layers"] = carried["density_layers"]
+    if "guard_resets_eval" in carried:
+        row["guard_resets_eval"] = carried["guard_resets_eval"] if evaluated else 0
     row.update({k: v for k, v in base.items() if k != "round"})
     row["seconds"] = seconds
     return row

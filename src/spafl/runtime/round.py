@@ -86,6 +86,7 @@ class Accepted:
     rejected: list[tuple[int | None, str]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     flops: float = 0.0
+    guard_resets: int = 0  # the collapse guard's resets while these clients trained
     bits_up: int = 0
     bits_up_coded: int = 0  # the same replies with their bitmasks entropy-coded (:func:`spafl.metrics.bits.coded_message_bits`)
 
@@ -194,6 +195,7 @@ class RoundLoop:
                 continue
             accepted.replies.append(reply)
             accepted.flops += got.stats.get("flops", 0.0)
+            accepted.guard_resets += got.stats.get("guard_resets", 0)
             if got.stats.get("steps", 0):
                 accepted.losses.append(got.stats.get("train_loss", math.nan))
         return accepted
@@ -224,6 +226,8 @@ class RoundLoop:
             "bits_cum": state["bits_cum"],
             "flops_cum": state["flops_cum"],
         }
+        if algorithm.has_collapse_guard:
+            facts["guard_resets_train"] = accepted.guard_resets
         if algorithm.reports_coded_bits:  # beside the raw bits, never instead of them
             state["bits_cum_coded"] = state.get("bits_cum_coded", 0) + accepted.bits_up_coded + bits_down
             facts.update(bits_up_coded=accepted.bits_up_coded, bits_cum_coded=state["bits_cum_coded"])
@@ -241,8 +245,9 @@ class RoundLoop:
                     "and start a new run"
                 )
             return f"training loss is {loss} (the client diverged)"
-        if reply.num_samples < 0 or steps < 0 or not math.isfinite(flops) or flops < 0:
-            why = f"implausible statistics (num_samples {reply.num_samples}, steps {steps}, flops {flops})"
+        resets = stats.get("guard_resets", 0)
+        if reply.num_samples < 0 or steps < 0 or not math.isfinite(flops) or flops < 0 or resets < 0:
+            why = f"implausible statistics (num_samples {reply.num_samples}, steps {steps}, flops {flops}, guard_resets {resets})"
         else:
             why = self.algorithm.validate_reply(state["server"], reply)
         if why is not None and self.transport.strict:
@@ -321,6 +326,8 @@ class RoundLoop:
             if state["round"] == 0:
                 began = time.perf_counter()
                 facts = {"round": 0, "sampled": [], "replies": 0, "train_loss": None, "bits_up": 0, "bits_down": 0, "bits_cum": 0, "flops_cum": 0.0}
+                if self.algorithm.has_collapse_guard:
+                    facts["guard_resets_train"] = 0
                 row = self._row(self._with_engine_fields(facts, {"rejected": 0, "missing": 0, "unavailable": []}), state, True, began)
                 metrics.append(row)
                 self.transport.after_row(0, row)
