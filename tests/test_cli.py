@@ -110,7 +110,7 @@ def test_report_writes_plots_and_table(capsys, tmp_path):
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "acc %" in printed and str(out)[-30:] in printed
-    for name in ("accuracy.png", "density.png", "communication.png"):
+    for name in ("accuracy.png", "density.png", "communication.png", "layers.png"):  # layers: SpaFL's per-layer density
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fails(capsys, ["report", str(tmp_path / "nothing")], "not a spafl run directory")
 

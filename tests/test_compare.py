@@ -82,6 +82,26 @@ def test_compare_table_sampling_resume_and_figures(capsys, tmp_path):
     assert main(["compare", "--methods", "spafl", "--out", str(out), "--seeds", "0", *SMALL, "--set", "lr=0.01"]) == 2
     assert "other settings (lr)" in capsys.readouterr().err
 
+    # --from: the same table from the three files each run keeps (no checkpoint), nothing trained.
+    kept = tmp_path / "kept"
+    for run_dir in out.glob("*/seed*"):
+        (kept / run_dir.parent.name / run_dir.name).mkdir(parents=True)
+        for name in ("config.json", "metrics.jsonl", "summary.json"):
+            (kept / run_dir.parent.name / run_dir.name / name).write_bytes((run_dir / name).read_bytes())
+    assert main(["compare", "--from", str(kept)]) == 0
+    redrawn = (kept / "table.csv").read_text().splitlines()
+    assert sorted(redrawn) == sorted(before.splitlines())  # the same rows: every method found
+    assert [line.split(",")[0] for line in redrawn[1:]] == ["spafl", "spafl:th_coeff=0.5", "fedavg", "local"]  # registry order
+    assert "seed(s) 0, 1" in (kept / "table.md").read_text() and (kept / "tradeoff.png").exists()
+    assert main(["compare", "--from", str(kept), "--methods", "local,spafl"]) == 0
+    assert [line.split(",")[0] for line in (kept / "table.csv").read_text().splitlines()[1:]] == ["local", "spafl"]
+    assert not list(kept.glob("*/seed*/checkpoint.pt"))
+    capsys.readouterr()
+    assert main(["compare", "--from", str(kept), "--methods", "fedpm"]) == 2
+    assert capsys.readouterr().err.strip() == f"spafl: error: --from {kept}: fedpm has no finished run (fedpm/seed<S>/summary.json)"
+    assert main(["compare", "--from", str(kept), "--out", str(out)]) == 2
+    assert "takes only --methods; drop --out" in capsys.readouterr().err
+
 
 def test_compare_resumes_an_unfinished_method(capsys, tmp_path, monkeypatch):
     argv = ["compare", "--methods", "spafl", *SMALL, "--set", "checkpoint_every=1", "--set", "rounds=3"]

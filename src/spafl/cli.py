@@ -93,8 +93,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from spafl.compare import TABLE_HEADER, compare
+    from spafl.compare import TABLE_HEADER, compare, redraw
 
+    if args.from_dir is not None:
+        given = [name for name in ("preset", "out", "seeds", "config", "data_dir", "set") if getattr(args, name)]
+        if given:
+            raise UserError(f"--from draws finished runs again and takes only --methods; drop --{given[0].replace('_', '-')}")
+        redraw(args.from_dir, args.methods)
+        print((Path(args.from_dir) / "table.md").read_text())
+        print(f"written: {args.from_dir}/table.csv, table.md, accuracy.png, communication.png, density.png")
+        return 0
+    if args.methods is None or args.out is None:
+        raise UserError("compare needs --methods and --out (or --from DIR to draw finished runs again)")
     _interruptible()
     try:
         compare(args.preset, args.methods, args.out, args.seeds, _overrides(args.set, args.data_dir), args.config,
@@ -212,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp_ = commands.add_parser("compare", help="run several methods on one partition and sampling sequence; tables and figures")
     cmp_.add_argument("--preset", help="named settings; see `spafl presets`")
-    cmp_.add_argument("--methods", required=True, help="comma-separated: spafl,fedavg,local,spafl:key=value[:key=value]")
-    cmp_.add_argument("--out", required=True, help="directory for the runs, table.csv, table.md and figures")
+    cmp_.add_argument("--methods", help="comma-separated: spafl,fedavg,local,spafl:key=value[:key=value]")
+    cmp_.add_argument("--out", help="directory for the runs, table.csv, table.md and figures")
+    cmp_.add_argument("--from", dest="from_dir", metavar="DIR",
+                      help="draw table and figures again from the finished runs under DIR (DIR/<method>/seed<S>); trains nothing")
     cmp_.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     cmp_.add_argument("--config", help="TOML file of flat config keys")
     cmp_.add_argument("--data-dir", help="directory holding the dataset files (authoritative)")

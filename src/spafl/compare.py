@@ -5,7 +5,9 @@ sampling only on (seed, round), so every method of a seed sees the same
 clients holding the same samples in the same rounds. Each method/seed gets
 an ordinary run directory (``DIR/<method>/seed<S>``) that ``spafl report``
 reads; rerunning the same command skips finished runs and resumes
-unfinished ones.
+unfinished ones. ``spafl compare --from DIR`` draws the table and the figures
+again from the finished runs under DIR, training nothing (a results directory
+keeps config.json, metrics.jsonl and summary.json of each run, no checkpoint).
 """
 
 from __future__ import annotations
@@ -229,16 +231,22 @@ def _curves(runs: dict[str, dict[int, Path]]) -> dict[str, list[list[dict[str, A
     return {label: [read_metrics(run_dir / METRICS) for run_dir in by_seed.values()] for label, by_seed in runs.items()}
 
 
-def _mean_curve(per_seed: list[list[dict[str, Any]]], key: str, evaluated_only: bool = True) -> tuple[list[float], list[float]]:
-    rounds = [r["round"] for r in per_seed[0] if r["evaluated"] or not evaluated_only]
+def _seed_values(per_seed: list[list[dict[str, Any]]], key: str) -> tuple[list[int], list[list[float]]]:
+    """The evaluated rounds every seed has, and ``key``'s value in each seed at each of them."""
+    rounds = [r["round"] for r in per_seed[0] if r["evaluated"]]
     by_round = [{r["round"]: r for r in rows} for rows in per_seed]
-    xs, ys = [], []
+    xs, values = [], []
     for number in rounds:
-        values = [rows[number][key] for rows in by_round if number in rows]
-        if len(values) == len(by_round):
+        at = [rows[number][key] for rows in by_round if number in rows]
+        if len(at) == len(by_round):
             xs.append(number)
-            ys.append(_mean(values))
-    return xs, ys
+            values.append(at)
+    return xs, values
+
+
+def _mean_curve(per_seed: list[list[dict[str, Any]]], key: str) -> tuple[list[int], list[float]]:
+    xs, values = _seed_values(per_seed, key)
+    return xs, [_mean(at) for at in values]
 
 
 def plot(runs: dict[str, dict[int, Path]], out: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -255,9 +263,15 @@ def plot(runs: dict[str, dict[int, Path]], out: Path, rows: list[dict[str, Any]]
 
     figure = {"size": (7, 4.5), "legend": {"fontsize": 8}}
     floor = _mean([r["_majority"] for r in rows])
+    bands = []
+    for label, per_seed in curves.items():
+        if len(per_seed) > 1:  # the lowest and highest seed at each round
+            xs, values = _seed_values(per_seed, "accuracy")
+            bands.append((xs, [min(at) for at in values], [max(at) for at in values], {"color": color[label], "alpha": 0.2}))
+    title = "Learning curves" + (" (shaded: lowest to highest seed)" if bands else "")
     written = [line_figure(
         out / "accuracy.png", mean_lines("accuracy"), hline=(floor, {"color": "grey", "linestyle": "--", "label": "majority-class floor"}),
-        xlabel="round", ylabel="accuracy (%), mean over clients", title="Learning curves", **figure,
+        bands=bands, xlabel="round", ylabel="accuracy (%), mean over clients", title=title, **figure,
     )]
 
     lines, silent = [], []
@@ -312,6 +326,55 @@ def plot_tradeoff(methods: list[MethodSpec], rows: list[dict[str, Any]], out: Pa
     )
 
 
+def finished_runs(out: Path, methods_text: str | None = None) -> tuple[list[MethodSpec], dict[str, dict[int, Path]]]:
+    """The methods and finished runs (``<method>/seed<S>/summary.json``) under ``out``: those of ``methods_text``,
+    in its order, or every method found there (in registry order)."""
+    if not out.is_dir():
+        raise UserError(f"--from {out}: no such directory")
+    if methods_text is not None:
+        methods = parse_methods(methods_text)
+    else:
+        found = [path.name for path in out.iterdir() if path.is_dir() and any(path.glob(f"seed*/{SUMMARY}"))]
+        methods = [parse_method(name.replace("__", ":")) for name in found]
+        order = list(ALGORITHMS)
+        methods.sort(key=lambda spec: (order.index(spec.method), spec.label))
+    runs: dict[str, dict[int, Path]] = {}
+    for spec in methods:
+        seeds = {}
+        for run_dir in (out / spec.slug).glob("seed*"):
+            if run_dir.name[4:].isdigit() and (run_dir / SUMMARY).is_file():
+                seeds[int(run_dir.name[4:])] = run_dir
+        if not seeds:
+            raise UserError(f"--from {out}: {spec.label} has no finished run ({spec.slug}/seed<S>/{SUMMARY})")
+        runs[spec.label] = dict(sorted(seeds.items()))
+    if not runs:
+        raise UserError(f"--from {out}: no finished run (<method>/seed<S>/{SUMMARY}) under it")
+    return methods, runs
+
+
+def draw(out: Path, methods: list[MethodSpec], runs: dict[str, dict[int, Path]], title: str, th_coeff: float) -> list[dict[str, Any]]:
+    """table.csv, table.md and the figures of ``runs`` into ``out``."""
+    rows = table_rows(runs)
+    write_csv(out / "table.csv", rows)
+    (out / "table.md").write_text(markdown(rows, title))
+    plot(runs, out, rows)
+    plot_tradeoff(methods, rows, out, th_coeff)
+    return rows
+
+
+def redraw(out: str | Path, methods_text: str | None = None) -> list[dict[str, Any]]:
+    """`spafl compare --from DIR`: the table and figures again, from the finished runs under ``out`` (no training)."""
+    out = Path(out)
+    methods, runs = finished_runs(out, methods_text)
+    first = next(iter(next(iter(runs.values())).values()))
+    saved = json.loads((first / CONFIG).read_text())
+    seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
+    spafl_runs = [next(iter(runs[spec.label].values())) for spec in methods if spec.method == "spafl" and not spec.overrides]
+    th_coeff = config_from_dict(read_run_config(spafl_runs[0])).th_coeff if spafl_runs else 0.0
+    title = f"{saved.get('preset') or 'custom'}: seed(s) {', '.join(map(str, seeds))}"
+    return draw(out, methods, runs, title, th_coeff)
+
+
 def compare(
     preset: str | None, methods_text: str, out: str | Path, seeds_text: str | None = None,
     overrides: dict[str, Any] | None = None, config_file: str | None = None, progress: bool = True, log=print,
@@ -321,9 +384,5 @@ def compare(
     seeds = parse_seeds(seeds_text)
     out = Path(out)
     runs = run_all(preset, methods, out, seeds, overrides, config_file, progress, log)
-    rows = table_rows(runs)
-    write_csv(out / "table.csv", rows)
-    (out / "table.md").write_text(markdown(rows, f"{preset or 'custom'}: {len(next(iter(runs.values())))} seed(s)"))
-    plot(runs, out, rows)
-    plot_tradeoff(methods, rows, out, run_config(preset, config_file, overrides).th_coeff)
-    return rows
+    title = f"{preset or 'custom'}: {len(next(iter(runs.values())))} seed(s)"
+    return draw(out, methods, runs, title, run_config(preset, config_file, overrides).th_coeff)

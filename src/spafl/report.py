@@ -71,16 +71,20 @@ def pyplot():
 def line_figure(
     path: Path, lines: Iterable[tuple[Sequence[float], Sequence[float], dict[str, Any]]], *, size: tuple[float, float] = (6, 4),
     hline: tuple[float, dict[str, Any]] | None = None, notes: Iterable[tuple[str, tuple[float, float]]] = (),
-    xscale: str | None = None, grid: str = "major", legend: dict[str, Any] | None = None, **axes: Any,
+    xscale: str | None = None, grid: str = "major", legend: dict[str, Any] | None = None,
+    bands: Iterable[tuple[Sequence[float], Sequence[float], Sequence[float], dict[str, Any]]] = (), **axes: Any,
 ) -> Path:
     """One figure of lines, saved as ``path``.
 
-    ``lines``: ``(xs, ys, style)`` with matplotlib's plot keywords; ``hline``:
+    ``lines``: ``(xs, ys, style)`` with matplotlib's plot keywords; ``bands``:
+    ``(xs, low, high, style)`` shaded between two curves; ``hline``:
     ``(y, style)`` of a horizontal reference line; ``notes``: ``(text, (x, y))``
     written beside points; ``axes``: Axes properties (xlabel, ylabel, title,
     ylim); ``legend``: the legend's keywords, None for no legend.
     """
     fig, ax = pyplot().subplots(figsize=size)
+    for xs, low, high, style in bands:
+        ax.fill_between(xs, low, high, linewidth=0, **style)
     for xs, ys, style in lines:
         ax.plot(xs, ys, **style)
     if hline is not None:
@@ -104,7 +108,7 @@ def plot_run(run_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
     def series(key: str, **style: Any) -> tuple[list[int], list[float], dict[str, Any]]:
         return rounds, [r[key] for r in evaluated], style
 
-    return [
+    figures = [
         line_figure(
             run_dir / "accuracy.png",
             [series("accuracy", marker=".", label="accuracy (mean over clients)"),
@@ -123,6 +127,18 @@ def plot_run(run_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
             xlabel="round", ylabel="cumulative communication (Gbit)", title="Communication (down + up)",
         ),
     ]
+    with_layers = [r for r in evaluated if r.get("density_layers")]
+    if with_layers:  # SpaFL: each masked layer's density, and where the collapse guard reset thresholds
+        names = list(with_layers[0]["density_layers"])
+        resets = [(r["round"], r.get("guard_resets_train", 0) + r.get("guard_resets_eval", 0)) for r in rows]
+        total = sum(count for _, count in resets)
+        figures.append(line_figure(
+            run_dir / "layers.png",
+            [([r["round"] for r in with_layers], [r["density_layers"][name] for r in with_layers], {"label": name}) for name in names],
+            xlabel="round", ylabel="density (kept fraction), mean over clients", ylim=(0, 1.05), legend={"fontsize": 8},
+            title=f"Density per layer ({total} collapse-guard resets in all)",
+        ))
+    return figures
 
 
 def _save(fig, path: Path) -> Path:
