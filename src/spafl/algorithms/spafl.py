@@ -23,7 +23,9 @@ from the second batch on); its state keeps the reset thresholds and the
 kept fraction its evaluation last measured, so the global thresholds it
 receives next are not reset at its next round unless its own last forward
 pass had collapsed. Rows count the resets (``guard_resets_train``,
-``guard_resets_eval``).
+``guard_resets_eval``). The reference evaluates every client after every
+round; with ``eval_every`` > 1 or an ``eval_clients`` subset, clients make
+fewer forward passes between rounds and the guard acts accordingly.
 """
 
 from __future__ import annotations
