@@ -7,9 +7,11 @@ import torch
 from spafl.cli import main
 from spafl.config import build_config
 from spafl.data import Dataset, load_dataset
+from spafl.data.partition import make_partition
 from spafl.engine import Simulator
 from spafl.runtime.federation import build_federation
 from spafl.errors import UserError
+from spafl.seeding import derive_seed
 
 from tests.data.fakes import write_fake_cifar
 
@@ -43,6 +45,10 @@ def test_cifar_presets_run_one_tiny_round_on_official_format_files(tmp_path, pre
     assert rows[1]["bits_up"] == 2 * thresholds * 32
     assert rows[1]["bits_down"] == (2 + 3) * thresholds * 32
     assert 0 <= rows[1]["accuracy"] <= 100
+    if model == "vit":  # every masked linear is applied at 65 tokens; the threshold term (under 1 %) is counted once
+        assert 64.0 < rows[1]["flops_true_cum"] / rows[1]["flops_cum"] < 65.0
+    else:  # each masked layer computes once per position it counts: the two counts agree
+        assert rows[1]["flops_true_cum"] == rows[1]["flops_cum"] > 0
 
 
 def test_paper_presets_hold_the_reference_settings():
@@ -53,8 +59,22 @@ def test_paper_presets_hold_the_reference_settings():
     cifar100 = build_config("cifar100-paper")
     assert (cifar100.rounds, cifar100.local_epochs, cifar100.batch_size, cifar100.lr_decay, cifar100.lr_min) == (1500, 7, 64, 0.993, 1e-4)
     assert (cifar100.th_coeff, cifar100.grad_clip, cifar100.min_client_samples, cifar100.alpha) == (0.0007, 15.0, 10, 0.1)
+    # main/cifar100's client scales th_coeff by 1/(1+exp(5-10t/penalty_scheduler)), penalty_scheduler 1 by default
+    assert (cifar100.partition, cifar100.th_coeff_warmup) == ("dirichlet_capped", 1.0)
     vit = build_config("cifar10-vit-paper")
     assert (vit.model, vit.local_epochs, vit.th_coeff, vit.batch_size, vit.min_client_samples) == ("vit", 1, 0.0001, 16, 16)
+
+
+def test_cifar100_preset_federation_holds_the_capped_split(tmp_path):
+    """The federation of cifar100-paper is the split make_partition("dirichlet_capped") makes, test sets included."""
+    write_fake_cifar(tmp_path, "cifar100", num_train=400, num_test=300, seed=3)
+    config = build_config("cifar100-paper", overrides={"num_clients": 4, "clients_per_round": 2, "data_dir": str(tmp_path)})
+    federation = build_federation(config)
+    data = federation.dataset
+    want = make_partition("dirichlet_capped", data.train_y, data.test_y, 4, 0.1, derive_seed(config.seed, "partition"), 10)
+    assert federation.partition.train_sizes() == want.train_sizes()
+    assert all(torch.equal(a, b) for a, b in zip(federation.partition.test, want.test))
+    assert all(torch.equal(client.test_y, data.test_y[t]) for client, t in zip(federation.clients, want.test))
 
 
 @pytest.mark.slow

@@ -128,7 +128,13 @@ class Config:
     seed: int = _num(0, "seed of the initial model, partition, sampling and client randomness", 0, owner="common")
     # -- data: the dataset, its split over clients, its preprocessing (every method) ----------
     dataset: str = _choice("fmnist", _dataset_names, "dataset", owner="data")
-    partition: str = _choice("dirichlet", ("dirichlet", "iid"), "how data is split over clients", owner="data")
+    partition: str = _choice(
+        "dirichlet", ("dirichlet", "dirichlet_capped", "iid"),
+        "how data is split over clients: dirichlet (SPEC §6: test split by the same proportions); dirichlet_capped "
+        "(CIFAR-100 ref.: a client stops receiving samples once it holds num_train/num_clients, and draws its own test set "
+        "of ~100 images in its training class proportions, overlapping other clients'); iid",
+        owner="data",
+    )
     alpha: float = _num(0.2, "Dirichlet concentration", 0, low_open=True, owner="data")
     min_client_samples: int = _num(
         0, "re-draw the Dirichlet split until every client has this many training samples", 0, owner="data",

@@ -113,6 +113,46 @@ def test_resnet18_plain_head_and_shortcuts():
     assert model.layer1[0].shortcut is None and model.layer2[1].shortcut is None
 
 
+def test_resnet18_masked_counts_and_total_parameters_by_hand():
+    """Reference ResNet18 of main/cifar100: stem 3->32, stages 32/64/128/256 (strides 1/2/2/2), two blocks each."""
+    convs = [(32, 3, 3)]  # (out, in, kernel) of every masked conv, in order
+    batch_norm_channels = [32]  # the stem's
+    in_planes = 32
+    for planes in (32, 64, 128, 256):
+        for index in range(2):
+            block_in = in_planes if index == 0 else planes
+            convs += [(planes, block_in, 3), (planes, planes, 3)]
+            if block_in != planes:
+                convs.append((planes, block_in, 1))  # 1x1 shortcut
+            batch_norm_channels += [block_in, planes]
+        in_planes = planes
+    weights = sum(out * fan_in * k * k for out, fan_in, k in convs)
+    thresholds = sum(out for out, _, _ in convs)
+    assert (len(convs), weights, thresholds) == (20, 2_790_240, 2_400)
+    assert (len(batch_norm_channels), sum(batch_norm_channels)) == (17, 1_728)
+    head = 256 * 100 + 100
+    total = weights + thresholds + 2 * sum(batch_norm_channels) + head
+    assert total == 2_821_796
+    model = ResNet18(num_classes=100)
+    assert (num_masked_weights(model), num_thresholds(model)) == (weights, thresholds)
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)) == 1_728
+
+
+def test_resnet18_pools_the_last_block_sum_without_batchnorm_relu():
+    """As the reference: layer4's output (a bare residual sum, negative values included) goes to the 4x4 pool as is."""
+    model = ResNet18().eval()
+    assert not hasattr(model, "bn_final")
+    assert [name for name, _ in model.named_children()] == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "linear"]
+    seen = _capture(model.layer4)
+    x = torch.randn(2, 3, 32, 32)
+    logits = model(x)
+    features = seen["out"]
+    assert features.shape == (2, 256, 4, 4) and (features < 0).any()
+    pooled = features.mean(dim=(2, 3))
+    assert torch.allclose(logits, model.linear(pooled), atol=1e-5)
+
+
 def test_resnet18_shortcut_sees_preactivated_input():
     """The 1×1 shortcut receives relu(bn1(x)), not x (standard pre-act ResNet)."""
     model = ResNet18().eval()
@@ -131,14 +171,54 @@ def test_vit_masked_and_plain_parts():
     assert names == [f"blocks.{i}.{suffix}" for i in range(6) for suffix in per_block]
     for module in model.patch_embedding.modules():
         assert not isinstance(module, MaskedLayer)
-    assert type(model.patch_embedding.proj) is nn.Linear
+    # the reference's patch embedding is the cut and one linear with bias: no LayerNorm before or after
+    assert [type(m) for m in model.patch_embedding.children()] == [nn.Linear]
+    assert tuple(model.patch_embedding.proj.weight.shape) == (128, 48) and model.patch_embedding.proj.bias is not None
     assert type(model.head) is nn.Linear and model.head.out_features == 10
     block = model.blocks[0]
+    # the reference's masked linear has no bias at all: qkv, out-projection and both MLP linears
     assert tuple(block.attn.to_qkv.weight.shape) == (1536, 128) and block.attn.to_qkv.bias is None
-    assert tuple(block.attn.to_out.weight.shape) == (128, 512) and block.attn.to_out.bias is not None
-    assert tuple(block.mlp.fc1.weight.shape) == (256, 128) and block.mlp.fc1.bias is not None
-    assert tuple(block.mlp.fc2.weight.shape) == (128, 256) and block.mlp.fc2.bias is not None
+    assert tuple(block.attn.to_out.weight.shape) == (128, 512) and block.attn.to_out.bias is None
+    assert tuple(block.mlp.fc1.weight.shape) == (256, 128) and block.mlp.fc1.bias is None
+    assert tuple(block.mlp.fc2.weight.shape) == (128, 256) and block.mlp.fc2.bias is None
+    assert all(layer.bias is None for _, layer in masked_layers(model))
     assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+
+
+def test_vit_masked_counts_and_total_parameters_by_hand():
+    """Reference masked_vit(image 32, patch 4, dim 128, depth 6, heads 8, dim_head 64, mlp 256), 10 classes."""
+    dim, depth, inner, mlp, tokens = 128, 6, 8 * 64, 256, (32 // 4) ** 2 + 1
+    masked_shapes = [(3 * inner, dim), (dim, inner), (mlp, dim), (dim, mlp)]  # qkv, out-projection, fc1, fc2
+    weights = depth * sum(out * fan_in for out, fan_in in masked_shapes)
+    thresholds = depth * sum(out for out, _ in masked_shapes)
+    assert (weights, thresholds) == (1_966_080, 12_288)
+    patch_embedding = 3 * 4 * 4 * dim + dim  # 6,272
+    token_parameters = tokens * dim + dim  # positional embedding 65 x 128, class token 128
+    layer_norms = (2 * depth + 1) * 2 * dim  # two per block and the head's, weight and bias each
+    head = dim * 10 + 10
+    total = weights + thresholds + patch_embedding + token_parameters + layer_norms + head
+    assert total == 1_997_706
+    model = ViT()
+    assert (num_masked_weights(model), num_thresholds(model)) == (weights, thresholds)
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert tuple(model.pos_embedding.shape) == (1, tokens, dim) and tuple(model.cls_token.shape) == (1, 1, dim)
+
+
+def test_vit_tokens_start_as_standard_normal_draws():
+    """The reference draws the class token and positional embedding with torch.randn (std 1), not std 0.02."""
+    torch.manual_seed(3)
+    model = ViT()
+    values = torch.cat([model.pos_embedding.detach().flatten(), model.cls_token.detach().flatten()])
+    assert values.numel() == 65 * 128 + 128
+    # over 8,448 N(0, 1) draws the sample std lies within 0.97..1.03 (about 4 standard errors)
+    assert 0.97 < float(values.std()) < 1.03
+    assert abs(float(values.mean())) < 0.05
+    # the reference's draw order from the same seed: the patch linear, then the positions, then the class token
+    torch.manual_seed(3)
+    reference_patch = nn.Linear(48, 128)
+    assert torch.equal(reference_patch.weight, model.patch_embedding.proj.weight)
+    assert torch.equal(torch.randn(1, 65, 128), model.pos_embedding.detach())
+    assert torch.equal(torch.randn(1, 1, 128), model.cls_token.detach())
 
 
 def _capture(layer: nn.Module) -> dict:
@@ -186,14 +266,14 @@ def test_lenet5_partial_pruning_zeroes_exactly_those_channels():
     assert model_density(model)[0] == pytest.approx((0.5 + 3) / 4)
 
 
-def test_vit_huge_threshold_zeroes_out_projection_including_bias():
+def test_vit_huge_threshold_zeroes_out_projection():
     model = ViT()
     layer = model.blocks[2].attn.to_out
     with torch.no_grad():
-        layer.bias.fill_(1.0)
         layer.threshold.fill_(1e6)
     seen = _capture(layer)
     model(_batch("vit"))
+    assert seen["out"].shape == (2, 65, 128)
     assert torch.count_nonzero(seen["out"]) == 0
 
 

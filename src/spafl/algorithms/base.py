@@ -148,6 +148,9 @@ class Algorithm(ABC):
     #: Whether rows also report the uplink with its bitmasks entropy-coded (``bits_up_coded``, ``bits_cum_coded``),
     #: beside the raw bits (for an algorithm whose masks an arithmetic coder would compress).
     reports_coded_bits: ClassVar[bool] = False
+    #: Whether a client update's stats also hold ``flops_true`` (training FLOPs with a linear counted once per position
+    #: it is applied at: for a ViT, per token), beside the reference's count ``flops`` (rows: ``flops_true_cum``).
+    reports_true_flops: ClassVar[bool] = False
 
     @property
     def has_collapse_guard(self) -> bool:

@@ -28,6 +28,7 @@ class DenseAlgorithm(Algorithm):
         super().__init__(config, spec)
         probe = spec.factory()
         self.dense_macs = dense_macs_per_sample(probe, spec.input_shape)
+        self.true_macs = dense_macs_per_sample(probe, spec.input_shape, count="true")
         self.full_density = {name: 1.0 for name in self.dense_macs}
         self.frozen = {f"{name}.{part}" for name, _ in masked_layers(probe) for part in ("threshold", "kept_fraction")}
         state = probe.state_dict()
@@ -64,11 +65,12 @@ class DenseAlgorithm(Algorithm):
             epochs=c.local_epochs, batch_size=c.batch_size, optimizer=optimizer, device=self.device,
             grad_clip=c.grad_clip,
         )
-        flops = training_flops(
-            self.dense_macs, self.full_density, data.num_train, c.local_epochs,
-            c.local_epochs * batches_per_epoch(data.num_train, c.batch_size), num_thresholds=0, num_masked_weights=0,
+        batches = c.local_epochs * batches_per_epoch(data.num_train, c.batch_size)
+        flops, flops_true = (
+            training_flops(macs, self.full_density, data.num_train, c.local_epochs, batches, num_thresholds=0, num_masked_weights=0)
+            for macs in (self.dense_macs, self.true_macs)
         )
-        return optimizer, {"train_loss": loss, "steps": steps, "flops": flops, "num_samples": data.num_train}
+        return optimizer, {"train_loss": loss, "steps": steps, "flops": flops, "flops_true": flops_true, "num_samples": data.num_train}
 
     def check_weights(self, message: Message) -> str | None:
         """Why ``message`` is not exactly the model's transmitted tensors (None: it is)."""

@@ -45,6 +45,7 @@ class FedAvg(DenseAlgorithm):
     """FedAvg (McMahan et al., AISTATS 2017): a dense global model, sample-weighted averaging."""
 
     name = "fedavg"
+    reports_true_flops = True
 
     # -- state -----------------------------------------------------------------
     def init_server(self, initial_model):

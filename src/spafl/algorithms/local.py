@@ -26,6 +26,7 @@ class Local(DenseAlgorithm):
     """Local-only baseline: personal dense models, no communication."""
 
     name = "local"
+    reports_true_flops = True
     personal_evaluation = True
 
     def init_server(self, initial_model):

@@ -97,12 +97,14 @@ class SpaFL(Algorithm):
 
     name = "spafl"
     personal_evaluation = True
+    reports_true_flops = True
 
     def __init__(self, config, spec) -> None:
         super().__init__(config, spec)
         probe = spec.factory()
         self.layer_names = [name for name, _ in masked_layers(probe)]
         self.dense_macs = dense_macs_per_sample(probe, spec.input_shape)
+        self.true_macs = dense_macs_per_sample(probe, spec.input_shape, count="true")
         self.num_thresholds = sum(layer.num_units for _, layer in masked_layers(probe))
         self.num_masked_weights = num_masked_weights(probe)
 
@@ -205,14 +207,16 @@ class SpaFL(Algorithm):
             parameter.requires_grad_(True)
         resets = guard_resets(model) - resets_before
         densities = layer_densities(model)
-        flops = training_flops(
-            self.dense_macs, densities, data.num_train, c.local_epochs,
-            c.local_epochs * batches_per_epoch(data.num_train, c.batch_size), self.num_thresholds, self.num_masked_weights,
+        batches = c.local_epochs * batches_per_epoch(data.num_train, c.batch_size)
+        flops, flops_true = (
+            training_flops(macs, densities, data.num_train, c.local_epochs, batches, self.num_thresholds, self.num_masked_weights)
+            for macs in (self.dense_macs, self.true_macs)
         )
         client["model"] = self.export(model)
         client["optimizer"] = export_optimizer(optimizer) if c.optimizer_scope == "persistent" else None
         up = pack(THRESHOLDS, {name: tensor.to("cpu") for name, tensor in get_thresholds(model).items()})
-        stats = {"train_loss": loss, "steps": steps, "flops": flops, "num_samples": data.num_train, "guard_resets": resets}
+        stats = {"train_loss": loss, "steps": steps, "flops": flops, "flops_true": flops_true, "num_samples": data.num_train,
+                 "guard_resets": resets}
         return ClientResult(client, up, stats)
 
     # -- server ----------------------------------------------------------------

@@ -116,7 +116,7 @@ class Simulator(Transport):
         if saved is None:
             return None
         where = self.run_dir / ckpt.CHECKPOINT
-        needed = [key for key in STATE_KEYS if key != "bits_cum_coded"] + ["clients", "torch_rng", "config"]
+        needed = [key for key in STATE_KEYS if key not in ("bits_cum_coded", "flops_true_cum")] + ["clients", "torch_rng", "config"]
         missing = [key for key in needed if key not in saved]
         if missing:
             raise UserError(

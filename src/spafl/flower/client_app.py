@@ -269,6 +269,7 @@ def handle_train(message: Message, context: Context, run_overrides=None, node_ov
         "train_loss": float(stats.get("train_loss", math.nan)),
         "steps": int(stats.get("steps", 0)),
         "flops": float(stats.get("flops", 0.0)),
+        "flops_true": float(stats.get("flops_true", 0.0)),
         "num_samples": int(stats.get("num_samples", 0)),
         "guard_resets": int(stats.get("guard_resets", 0)),
         "round": round_index,

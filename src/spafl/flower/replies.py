@@ -104,6 +104,7 @@ def read_replies(
                 "num_samples": number(metrics, "num_samples", 0, integral=True),
                 "train_loss": number(metrics, "train_loss", math.nan, integral=False),
                 "flops": number(metrics, "flops", 0.0, integral=False),
+                "flops_true": number(metrics, "flops_true", 0.0, integral=False),
                 "guard_resets": number(metrics, "guard_resets", 0, integral=True),
             }
         except (TypeError, ValueError, OverflowError) as error:

@@ -45,15 +45,18 @@ class ResNet18(nn.Module):
     * four stages of two :class:`PreActBlock` each, widths 32/64/128/256,
       strides 1/2/2/2 (spatial 32→32→16→8→4); the first block of stages 2–4
       has a masked 1×1 shortcut conv;
-    * final pre-activation BN → ReLU (a pre-activation network's blocks end
-      in a bare addition, so the last block's output is normalised and
-      rectified before pooling, as in the standard pre-act ResNet);
-    * 4×4 average pool → flatten (256) → plain ``nn.Linear(256, num_classes)``
-      with bias (not masked, not counted in density).
+    * 4×4 average pool of the last block's output, taken as it is: the bare
+      sum of its residual addition, with no BN → ReLU before the pool (the
+      reference's ``ResNet18`` in ``main/cifar100/model/net.py`` has none,
+      unlike the standard pre-activation ResNet);
+    * flatten (256) → plain ``nn.Linear(256, num_classes)`` with bias (not
+      masked, not counted in density).
 
     All 20 convolutions (stem, 16 block convs, 3 shortcuts) are masked and
     bias-free: 2,790,240 masked weights and 2,400 thresholds, plus 25,700
-    parameters in the plain head for ``num_classes=100``.
+    parameters in the plain head for ``num_classes=100`` and 3,456 in the 17
+    BatchNorms (1,728 channels): 2,821,796 parameters in all, thresholds
+    included.
     """
 
     widths = (32, 64, 128, 256)
@@ -77,12 +80,10 @@ class ResNet18(nn.Module):
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.bn_final = nn.BatchNorm2d(in_planes)
         self.linear = nn.Linear(in_planes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = F.relu(self.bn_final(x))
         x = F.avg_pool2d(x, 4)
         return self.linear(torch.flatten(x, 1))

@@ -10,22 +10,19 @@ from spafl.nn import MaskedLinear
 
 
 class PatchEmbedding(nn.Module):
-    """Plain (unmasked) patch embedding.
+    """Plain (unmasked) patch embedding, as in the reference: a cut into patches and one linear map.
 
     Cuts ``[B, C, H, W]`` into non-overlapping ``p×p`` patches, flattens each
     patch to a vector of ``patch_dim = p·p·C`` values ordered (row in patch,
-    column in patch, channel), then ``LayerNorm(patch_dim) → Linear(patch_dim,
-    dim) → LayerNorm(dim)``. Output: ``[B, (H/p)·(W/p), dim]``, patches in
-    row-major order.
+    column in patch, channel), then ``Linear(patch_dim, dim)`` (with bias).
+    No normalization before or after the projection. Output:
+    ``[B, (H/p)·(W/p), dim]``, patches in row-major order.
     """
 
     def __init__(self, in_channels: int, patch_size: int, dim: int) -> None:
         super().__init__()
         self.patch_size = patch_size
-        patch_dim = in_channels * patch_size * patch_size
-        self.norm_in = nn.LayerNorm(patch_dim)
-        self.proj = nn.Linear(patch_dim, dim)
-        self.norm_out = nn.LayerNorm(dim)
+        self.proj = nn.Linear(in_channels * patch_size * patch_size, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -34,11 +31,11 @@ class PatchEmbedding(nn.Module):
             raise ValueError(f"image size {h}×{w} is not divisible by patch size {p}")
         x = x.reshape(b, c, h // p, p, w // p, p)
         x = x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
-        return self.norm_out(self.proj(self.norm_in(x)))
+        return self.proj(x)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a masked qkv projection (no bias) and a masked output projection (bias)."""
+    """Multi-head self-attention with masked, bias-free qkv and output projections."""
 
     def __init__(self, dim: int, heads: int, dim_head: int) -> None:
         super().__init__()
@@ -47,7 +44,7 @@ class Attention(nn.Module):
         self.dim_head = dim_head
         self.scale = dim_head ** -0.5
         self.to_qkv = MaskedLinear(dim, 3 * inner, bias=False)
-        self.to_out = MaskedLinear(inner, dim, bias=True)
+        self.to_out = MaskedLinear(inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -59,12 +56,12 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """``MaskedLinear(dim, mlp_dim, bias) → GELU → MaskedLinear(mlp_dim, dim, bias)``."""
+    """``MaskedLinear(dim, mlp_dim) → GELU → MaskedLinear(mlp_dim, dim)``, both bias-free."""
 
     def __init__(self, dim: int, mlp_dim: int) -> None:
         super().__init__()
-        self.fc1 = MaskedLinear(dim, mlp_dim, bias=True)
-        self.fc2 = MaskedLinear(mlp_dim, dim, bias=True)
+        self.fc1 = MaskedLinear(dim, mlp_dim, bias=False)
+        self.fc2 = MaskedLinear(mlp_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -88,17 +85,23 @@ class TransformerBlock(nn.Module):
 class ViT(nn.Module):
     """Vision Transformer for small images (SPEC §8, **CIFAR-10 ViT** column).
 
-    Plain patch embedding (:class:`PatchEmbedding`), a learned class token
-    and learned positional embedding (both initialised N(0, 0.02²)), ``depth``
-    pre-norm :class:`TransformerBlock` s, a final LayerNorm, class-token
-    pooling and a plain ``nn.Linear(dim, num_classes)`` head. No dropout.
+    The reference's masked ViT (``masked_vit`` in ``main/cifar10/model/net.py``
+    of the SpaFL code): plain :class:`PatchEmbedding` (cut + one linear), a
+    learned class token and learned positional embedding, both drawn from
+    N(0, 1) as the reference's ``torch.randn``, ``depth`` pre-norm
+    :class:`TransformerBlock` s, class-token pooling, then a LayerNorm and a
+    plain ``nn.Linear(dim, num_classes)`` head. No dropout (the reference
+    builds it with rate 0).
 
-    Masked (one threshold per output unit, SPEC §2), per block: the qkv
-    projection ``dim → 3·heads·dim_head`` (no bias), the attention output
-    projection ``heads·dim_head → dim`` (bias) and both MLP linears (bias).
-    With the defaults (dim 128, depth 6, heads 8, dim_head 64, mlp 256) that
-    is 1,966,080 masked weights and 12,288 thresholds. The patch embedding,
-    LayerNorms, tokens and head are dense and not counted in density.
+    Masked (one threshold per output unit, SPEC §2), per block, all without
+    bias as the reference's masked linear has none: the qkv projection
+    ``dim → 3·heads·dim_head``, the attention output projection
+    ``heads·dim_head → dim`` and both MLP linears. With the defaults (dim 128,
+    depth 6, heads 8, dim_head 64, mlp 256) that is 1,966,080 masked weights
+    and 12,288 thresholds; with the dense parts (patch embedding 6,272, tokens
+    8,448, LayerNorms 3,328, head 1,290 for 10 classes) 1,997,706 parameters
+    in all, thresholds included. The patch embedding, LayerNorms, tokens and
+    head are dense and not counted in density.
     """
 
     def __init__(
@@ -118,10 +121,9 @@ class ViT(nn.Module):
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         num_patches = (image_size // patch_size) ** 2
         self.patch_embedding = PatchEmbedding(in_channels, patch_size, dim)
-        self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
-        self.pos_embedding = nn.Parameter(torch.empty(1, num_patches + 1, dim))
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.pos_embedding, std=0.02)
+        # N(0, 1) as the reference (torch.randn), drawn in its order: positions, then the class token.
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, heads, dim_head, mlp_dim) for _ in range(depth)
         )

@@ -15,7 +15,8 @@ import torch
 from spafl.algorithms import ALGORITHMS
 from spafl.algorithms.base import Algorithm, ClientData, ModelSpec
 from spafl.config import Config
-from spafl.data import Dataset, Partition, Preprocess, dirichlet_partition, iid_partition, load_dataset, preprocess_for
+from spafl.data import Dataset, Partition, Preprocess, load_dataset, preprocess_for
+from spafl.data.partition import make_partition
 from spafl.data.registry import dataset_info
 from spafl.errors import UserError
 from spafl.models import build_model, input_shape_for
@@ -71,11 +72,8 @@ def model_spec(config: Config, dataset: Dataset) -> ModelSpec:
 
 
 def split(config: Config, dataset: Dataset) -> Partition:
-    seed = derive_seed(config.seed, "partition")
-    if config.partition == "iid":
-        return iid_partition(dataset.train_y, dataset.test_y, config.num_clients, seed)
-    return dirichlet_partition(
-        dataset.train_y, dataset.test_y, config.num_clients, config.alpha, seed,
+    return make_partition(
+        config.partition, dataset.train_y, dataset.test_y, config.num_clients, config.alpha, derive_seed(config.seed, "partition"),
         min_client_samples=config.min_client_samples,
     )
 

@@ -320,5 +320,6 @@ def summarize_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "bits_down_total": sum(r["bits_down"] for r in rows),
         **({"bits_up_coded_total": sum(r["bits_up_coded"] for r in rows if "bits_up_coded" in r)} if "bits_up_coded" in final else {}),
         "flops_total": final["flops_cum"],
+        **({"flops_true_total": final["flops_true_cum"]} if "flops_true_cum" in final else {}),
         "seconds_total": sum(r["seconds"] for r in rows),
     }

@@ -47,8 +47,9 @@ from spafl.seeding import sample_clients
 
 RunState = dict[str, Any]
 
-#: What a run state holds besides a transport's own entries (``bits_cum_coded`` only where the algorithm reports it).
-STATE_KEYS = ("round", "server", "bits_cum", "flops_cum", "last_eval", "bits_cum_coded")
+#: What a run state holds besides a transport's own entries (``bits_cum_coded``, ``flops_true_cum`` only where the
+#: algorithm reports them).
+STATE_KEYS = ("round", "server", "bits_cum", "flops_cum", "last_eval", "bits_cum_coded", "flops_true_cum")
 
 
 def run_state_of(saved: dict[str, Any]) -> RunState:
@@ -86,6 +87,7 @@ class Accepted:
     rejected: list[tuple[int | None, str]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     flops: float = 0.0
+    flops_true: float = 0.0  # the same with every linear counted per position (Algorithm.reports_true_flops)
     guard_resets: int = 0  # the collapse guard's resets while these clients trained
     bits_up: int = 0
     bits_up_coded: int = 0  # the same replies with their bitmasks entropy-coded (:func:`spafl.metrics.bits.coded_message_bits`)
@@ -195,6 +197,7 @@ class RoundLoop:
                 continue
             accepted.replies.append(reply)
             accepted.flops += got.stats.get("flops", 0.0)
+            accepted.flops_true += got.stats.get("flops_true", 0.0)
             accepted.guard_resets += got.stats.get("guard_resets", 0)
             if got.stats.get("steps", 0):
                 accepted.losses.append(got.stats.get("train_loss", math.nan))
@@ -226,6 +229,9 @@ class RoundLoop:
             "bits_cum": state["bits_cum"],
             "flops_cum": state["flops_cum"],
         }
+        if algorithm.reports_true_flops:
+            state["flops_true_cum"] = state.get("flops_true_cum", 0.0) + accepted.flops_true / config.num_clients
+            facts["flops_true_cum"] = state["flops_true_cum"]
         if algorithm.has_collapse_guard:
             facts["guard_resets_train"] = accepted.guard_resets
         if algorithm.reports_coded_bits:  # beside the raw bits, never instead of them
@@ -245,8 +251,8 @@ class RoundLoop:
                     "and start a new run"
                 )
             return f"training loss is {loss} (the client diverged)"
-        resets = stats.get("guard_resets", 0)
-        if reply.num_samples < 0 or steps < 0 or not math.isfinite(flops) or flops < 0 or resets < 0:
+        resets, flops_true = stats.get("guard_resets", 0), stats.get("flops_true", 0.0)
+        if reply.num_samples < 0 or steps < 0 or not math.isfinite(flops + flops_true) or min(flops, flops_true, resets) < 0:
             why = f"implausible statistics (num_samples {reply.num_samples}, steps {steps}, flops {flops}, guard_resets {resets})"
         else:
             why = self.algorithm.validate_reply(state["server"], reply)
@@ -326,6 +332,8 @@ class RoundLoop:
             if state["round"] == 0:
                 began = time.perf_counter()
                 facts = {"round": 0, "sampled": [], "replies": 0, "train_loss": None, "bits_up": 0, "bits_down": 0, "bits_cum": 0, "flops_cum": 0.0}
+                if self.algorithm.reports_true_flops:
+                    facts["flops_true_cum"] = 0.0
                 if self.algorithm.has_collapse_guard:
                     facts["guard_resets_train"] = 0
                 row = self._row(self._with_engine_fields(facts, {"rejected": 0, "missing": 0, "unavailable": []}), state, True, began)
