@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.spafl-installed
 OUT ?= runs/fmnist-quick
 
-.PHONY: setup data run test clean
+.PHONY: setup data run test results clean
 
 setup: $(STAMP) data
 
@@ -32,6 +32,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Redraw every table and figure of docs/results.md from the runs kept in docs/results/ (no training).
+results: $(STAMP)
+	for dir in docs/results/*/; do $(BIN)/spafl compare --from $$dir > /dev/null; done
+	$(BIN)/spafl report --patterns conv1 docs/results/fmnist-paper/spafl/seed0 > /dev/null
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
