@@ -16,12 +16,14 @@ where the importance update needs it).
 
 The collapse guard (:class:`spafl.nn.MaskedLayer`) acts at every forward
 pass, evaluation included, on the kept fraction of the pass before, as in
-the reference: evaluating a client is part of its history. A client whose
-training ended with a layer at <= 1 % has that layer's thresholds reset by
-its next evaluation (in the reference's batches, ``eval_batch_size=0``:
-from the second batch on); its state keeps the reset thresholds and the
+the reference: evaluating a client is part of its history. A layer at
+<= 1 % in a client's last training forward pass is reset at the client's
+first evaluation batch; one that fell to <= 1 % only with the last
+optimizer step is reset at the second batch (clients evaluate in the
+reference's batches, ``eval_batch_size=0``; with one test batch, at the
+client's next forward pass). The client keeps the reset thresholds and the
 kept fraction its evaluation last measured, so the global thresholds it
-receives next are not reset at its next round unless its own last forward
+receives next are reset at its next round only if its own last forward
 pass had collapsed. Rows count the resets (``guard_resets_train``,
 ``guard_resets_eval``). The reference evaluates every client after every
 round; with ``eval_every`` > 1 or an ``eval_clients`` subset, clients make
