@@ -92,3 +92,18 @@ def test_end_to_end_on_real_fashion_mnist_beats_the_majority_floor_by_20_points(
     assert final["accuracy"] >= final["accuracy_majority"] + 20, final
     assert summary["bits_total"] == 3 * (10 * 580 * 32 + 2 * 10 * 580 * 32)
     assert torch.isfinite(torch.tensor(final["loss"]))
+
+
+def test_a_presets_method_settings_apply_to_that_method_under_the_file_and_set(tmp_path, monkeypatch):
+    from spafl import config as config_module
+
+    monkeypatch.setitem(config_module.METHOD_SETTINGS, "fmnist-paper", {"fedavg": {"lr": 0.003}})
+    assert build_config("fmnist-paper", overrides={"method": "fedavg"}).lr == 0.003
+    assert build_config("fmnist-paper", overrides={"method": "spafl"}).lr == 0.001  # other methods keep the preset's
+    assert build_config("fmnist-quick", overrides={"method": "fedavg"}).lr == 0.001  # other presets too
+    assert build_config("fmnist-paper", overrides={"method": "fedavg", "lr": 0.01}).lr == 0.01  # --set wins
+    toml = tmp_path / "c.toml"
+    toml.write_text('method = "fedavg"\n')
+    assert build_config("fmnist-paper", toml).lr == 0.003  # the method may come from the file
+    toml.write_text('method = "fedavg"\nlr = 0.02\n')
+    assert build_config("fmnist-paper", toml).lr == 0.02

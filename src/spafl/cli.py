@@ -132,12 +132,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from spafl.config import PRESETS, build_config
+    from spafl.config import METHOD_SETTINGS, PRESETS, build_config
 
     for name in PRESETS:
         config = build_config(name)
         print(f"{name}: {config.model} on {config.dataset}, {config.num_clients} clients ({config.clients_per_round}/round), "
               f"{config.rounds} rounds, E={config.local_epochs}, batch {config.batch_size}, lr {config.lr}, th_coeff {config.th_coeff}")
+        for method, settings in METHOD_SETTINGS.get(name, {}).items():
+            print(f"  with method={method}: " + ", ".join(f"{key} {value}" for key, value in settings.items()))
         if args.verbose:
             print("  " + json.dumps(config.to_dict()))
     return 0

@@ -68,6 +68,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: A preset's settings for one method, where they differ from the preset's own: the baselines' learning
+#: rates chosen by the sweep in docs/results.md. They apply when a run of that preset uses that method,
+#: under a TOML file and --set (which always win).
+METHOD_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "fmnist-paper": {},
+}
+
+
 def _parse_bool(key: str, raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -175,7 +183,7 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Config:
-    """Preset, then TOML file, then overrides; validated."""
+    """Preset (with its settings for the run's method, :data:`METHOD_SETTINGS`), then TOML file, then overrides; validated."""
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
@@ -183,15 +191,19 @@ def build_config(
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise UserError(f"unknown preset {preset!r}{hint}; presets: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
+    given: dict[str, Any] = {}
     if config_file is not None:
         for key, value in load_toml(config_file).items():
             if key not in FIELDS:
                 raise _unknown_key(key, f"in {str(config_file)!r}")
-            values[key] = coerce(key, value)
+            given[key] = coerce(key, value)
     for key, value in (overrides or {}).items():
         if key not in FIELDS:
             raise _unknown_key(key, "in --set")
-        values[key] = coerce(key, value)
+        given[key] = coerce(key, value)
+    method = given.get("method", values.get("method", Config().method))
+    values.update(METHOD_SETTINGS.get(preset or "", {}).get(method, {}))
+    values.update(given)
     return validate(Config(**values))
 
 
