@@ -92,7 +92,7 @@ def test_compare_table_sampling_resume_and_figures(capsys, tmp_path):
     redrawn = (kept / "table.csv").read_text().splitlines()
     assert sorted(redrawn) == sorted(before.splitlines())  # the same rows: every method found
     assert [line.split(",")[0] for line in redrawn[1:]] == ["spafl", "spafl:th_coeff=0.5", "fedavg", "local"]  # registry order
-    assert "seed(s) 0, 1" in (kept / "table.md").read_text() and (kept / "tradeoff.png").exists()
+    assert "fmnist-paper, 2 rounds: seed(s) 0, 1" in (kept / "table.md").read_text() and (kept / "tradeoff.png").exists()
     assert main(["compare", "--from", str(kept), "--methods", "local,spafl"]) == 0
     assert [line.split(",")[0] for line in (kept / "table.csv").read_text().splitlines()[1:]] == ["local", "spafl"]
     assert not list(kept.glob("*/seed*/checkpoint.pt"))

@@ -371,7 +371,8 @@ def redraw(out: str | Path, methods_text: str | None = None) -> list[dict[str, A
     seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
     spafl_runs = [next(iter(runs[spec.label].values())) for spec in methods if spec.method == "spafl" and not spec.overrides]
     th_coeff = config_from_dict(read_run_config(spafl_runs[0])).th_coeff if spafl_runs else 0.0
-    title = f"{saved.get('preset') or 'custom'}: seed(s) {', '.join(map(str, seeds))}"
+    rounds = sorted({json.loads((run_dir / SUMMARY).read_text())["rounds"] for by_seed in runs.values() for run_dir in by_seed.values()})
+    title = f"{saved.get('preset') or 'custom'}, {'/'.join(map(str, rounds))} rounds: seed(s) {', '.join(map(str, seeds))}"
     return draw(out, methods, runs, title, th_coeff)
 
 
