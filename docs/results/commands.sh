@@ -9,11 +9,12 @@ paper=(--preset fmnist-paper --set record_masks=40,150,500 --quiet)
 
 # 1. Learning-rate sweep of the baselines: 100 rounds, seed 0, evaluated every 10 rounds. One call per entry,
 #    so that an entry that diverges stops only itself. FedPM trains mask scores only: its score lr is swept.
+#    Every value is explicit, so a value the preset later takes from the sweep (METHOD_SETTINGS) changes no entry.
 sweep=()
 for method in fedavg local heterofl fjord fedp3 fedspa lotteryfl; do
-  sweep+=("$method:lr=0.0003" "$method" "$method:lr=0.003")
+  sweep+=("$method:lr=0.0003" "$method:lr=0.001" "$method:lr=0.003")
 done
-sweep+=("fedpm:fedpm_lr=0.03" "fedpm" "fedpm:fedpm_lr=0.3")
+sweep+=("fedpm:fedpm_lr=0.03" "fedpm:fedpm_lr=0.1" "fedpm:fedpm_lr=0.3")
 # A method whose best value lies at the edge of its three gets one value more beyond it.
 sweep+=("heterofl:lr=0.0001")
 for spec in "${sweep[@]}"; do
