@@ -126,3 +126,20 @@ def test_keys_and_presets_listing(capsys):
     fails(capsys, ["keys", "--method", "fedprox"], "unknown method 'fedprox'")
     assert main(["presets"]) == 0
     assert "fmnist-quick" in capsys.readouterr().out
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """`spafl presets | head -1` once head has gone: no BrokenPipeError traceback, exit 141 (128 + SIGPIPE)."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes a line
+    code = "import sys; from spafl.cli import main; sys.exit(main(['presets']))"
+    try:
+        finished = subprocess.run([sys.executable, "-c", code], stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert finished.returncode == 141
+    assert finished.stderr == b""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -278,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as error:
         print(f"spafl: diverged: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # whoever read the output stopped (`spafl presets | head -1`): stop as a Unix filter does, without a
+        # traceback; stdout goes to /dev/null so that the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":
