@@ -97,6 +97,10 @@ def test_end_to_end_on_real_fashion_mnist_beats_the_majority_floor_by_20_points(
 def test_a_presets_method_settings_apply_to_that_method_under_the_file_and_set(tmp_path, monkeypatch):
     from spafl import config as config_module
 
+    # the sweep's choice (docs/results.md)
+    assert build_config("fmnist-paper", overrides={"method": "heterofl"}).lr == 0.0003
+    assert build_config("fmnist-paper", overrides={"method": "fjord"}).lr == 0.001
+
     monkeypatch.setitem(config_module.METHOD_SETTINGS, "fmnist-paper", {"fedavg": {"lr": 0.003}})
     assert build_config("fmnist-paper", overrides={"method": "fedavg"}).lr == 0.003
     assert build_config("fmnist-paper", overrides={"method": "spafl"}).lr == 0.001  # other methods keep the preset's
