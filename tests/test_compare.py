@@ -93,6 +93,7 @@ def test_compare_table_sampling_resume_and_figures(capsys, tmp_path):
     assert sorted(redrawn) == sorted(before.splitlines())  # the same rows: every method found
     assert [line.split(",")[0] for line in redrawn[1:]] == ["spafl", "spafl:th_coeff=0.5", "fedavg", "local"]  # registry order
     assert "fmnist-paper, 2 rounds: seed(s) 0, 1" in (kept / "table.md").read_text() and (kept / "tradeoff.png").exists()
+    assert not (kept / "sweep.png").exists()  # one value of th_coeff beside the default: nothing swept
     assert main(["compare", "--from", str(kept), "--methods", "local,spafl"]) == 0
     assert [line.split(",")[0] for line in (kept / "table.csv").read_text().splitlines()[1:]] == ["local", "spafl"]
     assert not list(kept.glob("*/seed*/checkpoint.pt"))
@@ -138,3 +139,14 @@ def test_sparsity_patterns_figure(capsys, tmp_path):
     assert (out / "patterns_conv1.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["report", str(out), "--patterns", "conv9"]) == 2
     assert "recorded layers: conv1, conv2, fc1, fc2" in capsys.readouterr().err
+
+
+def test_sweep_figure_needs_two_values_of_one_key(tmp_path):
+    from spafl.compare import plot_sweep
+
+    rows = [{"method": label, "accuracy_mean": accuracy}
+            for label, accuracy in [("fedavg:lr=0.01", 50.0), ("fedavg:lr=0.1", 60.0), ("spafl", 70.0), ("local:lr=0.01", 40.0)]]
+    methods = parse_methods(",".join(row["method"] for row in rows))
+    assert plot_sweep(methods, rows, tmp_path) == tmp_path / "sweep.png"
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_sweep(parse_methods("local:lr=0.01,spafl"), rows, tmp_path / "none") is None  # one value: nothing to draw

@@ -359,6 +359,7 @@ def draw(out: Path, methods: list[MethodSpec], runs: dict[str, dict[int, Path]],
     (out / "table.md").write_text(markdown(rows, title))
     plot(runs, out, rows)
     plot_tradeoff(methods, rows, out, th_coeff)
+    plot_sweep(methods, rows, out)
     return rows
 
 
@@ -374,6 +375,30 @@ def redraw(out: str | Path, methods_text: str | None = None) -> list[dict[str, A
     rounds = sorted({json.loads((run_dir / SUMMARY).read_text())["rounds"] for by_seed in runs.values() for run_dir in by_seed.values()})
     title = f"{saved.get('preset') or 'custom'}, {'/'.join(map(str, rounds))} rounds: seed(s) {', '.join(map(str, seeds))}"
     return draw(out, methods, runs, title, th_coeff)
+
+
+def plot_sweep(methods: list[MethodSpec], rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Final accuracy against the value of a swept key (log scale), one line per method and key.
+
+    Drawn from the entries that override exactly one numeric key, where some
+    method has at least two values of it (a learning-rate sweep).
+    """
+    from spafl.report import line_figure
+
+    by_label = {r["method"]: r for r in rows}
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for spec in methods:
+        if len(spec.overrides) == 1 and isinstance(spec.overrides[0][1], float):
+            key, value = spec.overrides[0]
+            groups.setdefault((spec.method, key), []).append((value, by_label[spec.label]["accuracy_mean"]))
+    lines = [([v for v, _ in sorted(points)], [a for _, a in sorted(points)], {"marker": "o", "label": f"{method} ({key})"})
+             for (method, key), points in groups.items() if len(points) > 1]
+    if not lines:
+        return None
+    return line_figure(
+        out / "sweep.png", lines, xscale="log", size=(7, 4.5), legend={"fontsize": 8},
+        xlabel="value of the swept key (log scale)", ylabel="final accuracy (%)", title="Sweep: final accuracy per value",
+    )
 
 
 def compare(
