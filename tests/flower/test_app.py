@@ -501,7 +501,11 @@ def test_every_number_a_node_reports_is_checked_and_a_bad_reply_is_rejected_with
 
     evaluation = {"correct": 7, "loss_sum": 3.0, "num_test": 10, "majority_correct": 4, "density": 0.5, "density_weighted": 0.25}
     assert rec.eval_from_metrics(evaluation).correct == 7
-    for bad in ({"correct": 11}, {"density": math.nan}, {"loss_sum": math.inf}, {"num_test": -1}, {"density_weighted": 1.5}, {"correct": 2.5}):
+    layered = rec.eval_from_metrics({**evaluation, "density/fc1": 0.25, "guard_resets": 2})
+    assert (layered.layer_density, layered.guard_resets) == ({"fc1": 0.25}, 2)
+    for bad in ({"correct": 11}, {"density": math.nan}, {"loss_sum": math.inf}, {"num_test": -1}, {"density_weighted": 1.5}, {"correct": 2.5},
+                {"density/fc1": 1.5}, {"density/fc1": math.nan}, {"density/fc1": "0.5"}, {"guard_resets": -1}, {"guard_resets": 1.5},
+                {"guard_resets": True}):
         with pytest.raises((ValueError, TypeError)):
             rec.eval_from_metrics({**evaluation, **bad})
 

@@ -223,36 +223,27 @@ def eval_from_metrics(metrics: Mapping[str, Any]) -> ClientEval:
     missing = [name for name in EVAL_FIELDS if name not in metrics]
     if missing:
         raise ValueError(f"evaluation reply lacks {missing}")
-    values: dict[str, Any] = {}
-    for name in EVAL_FIELDS:
-        value = metrics[name]
-        if isinstance(value, (bool, str, bytes, list, tuple)):
-            raise TypeError(f"{name} is a {type(value).__name__}, not a number")
-        value = float(value)
-        if not math.isfinite(value) or value < 0 or (name in _INT_FIELDS and not value.is_integer()):
-            raise ValueError(f"{name} is {value}, not a finite {'count' if name in _INT_FIELDS else 'number'} >= 0")
-        values[name] = int(value) if name in _INT_FIELDS else value
+    values = {name: _reading(name, metrics[name], count=name in _INT_FIELDS) for name in EVAL_FIELDS}
     if values["correct"] > values["num_test"] or values["majority_correct"] > values["num_test"]:
         raise ValueError(f"correct {values['correct']} / majority {values['majority_correct']} exceed the {values['num_test']} samples tested")
     if values["density"] > 1 or values["density_weighted"] > 1:
         raise ValueError(f"density {values['density']} / {values['density_weighted']} above 1")
-    layers = {key[len(LAYER_DENSITY):]: _fraction(key, metrics[key]) for key in metrics if key.startswith(LAYER_DENSITY)}
-    resets = metrics.get(GUARD_RESETS)
-    if resets is not None:
-        resets = float(resets) if not isinstance(resets, (bool, str, bytes, list, tuple)) else math.nan
-        if not math.isfinite(resets) or resets < 0 or not resets.is_integer():
-            raise ValueError(f"{GUARD_RESETS} is {metrics.get(GUARD_RESETS)!r}, not a count >= 0")
-        resets = int(resets)
+    layers = {key[len(LAYER_DENSITY):]: _reading(key, metrics[key], count=False) for key in metrics if key.startswith(LAYER_DENSITY)}
+    above = [f"{LAYER_DENSITY}{name} is {value}" for name, value in layers.items() if value > 1]
+    if above:
+        raise ValueError(f"{above[0]}, above 1")
+    resets = _reading(GUARD_RESETS, metrics[GUARD_RESETS], count=True) if GUARD_RESETS in metrics else None
     return ClientEval(**values, layer_density=layers or None, guard_resets=resets)
 
 
-def _fraction(key: str, value: Any) -> float:
+def _reading(name: str, value: Any, count: bool) -> int | float:
+    """One number of an evaluation reply: finite and >= 0, and integral where it is a ``count``."""
     if isinstance(value, (bool, str, bytes, list, tuple)):
-        raise TypeError(f"{key} is a {type(value).__name__}, not a number")
+        raise TypeError(f"{name} is a {type(value).__name__}, not a number")
     value = float(value)
-    if not 0.0 <= value <= 1.0:  # NaN fails too
-        raise ValueError(f"{key} is {value}, not a fraction in [0, 1]")
-    return value
+    if not math.isfinite(value) or value < 0 or (count and not value.is_integer()):
+        raise ValueError(f"{name} is {value}, not a finite {'count' if count else 'number'} >= 0")
+    return int(value) if count else value
 
 
 def metric_record(values: Mapping[str, Any]) -> MetricRecord:
