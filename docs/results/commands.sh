@@ -31,7 +31,12 @@ $spafl compare "${paper[@]}" --methods fedavg,local,fedpm,heterofl,fjord,fedp3,f
 $spafl compare "${paper[@]}" --methods spafl:th_coeff=0.0005,spafl:th_coeff=0.001,spafl:th_coeff=0.004 --seeds 0 \
     --out docs/results/fmnist-paper
 
-# 4. Ablations (seed 0), beside the plain run.
+# 4. Ablations (seed 0), beside the plain run: that is step 2's SpaFL seed 0, the same configuration, so its
+#    files are copied rather than trained again (compare checks the copied config.json against the command's).
+mkdir -p docs/results/ablations/spafl/seed0
+for file in config.json metrics.jsonl summary.json; do
+  [ -e docs/results/ablations/spafl/seed0/$file ] || cp docs/results/fmnist-paper/spafl/seed0/$file docs/results/ablations/spafl/seed0/
+done
 $spafl compare "${paper[@]}" --seeds 0 --out docs/results/ablations --methods \
 spafl,spafl:importance_update=off,spafl:frozen_weights=true,spafl:ste=outside_unit,spafl:ste=long_tailed,\
 spafl:threshold_schedule=last_epoch,spafl:importance_delta=since_last_seen,spafl:importance_sign=per_weight
