@@ -70,6 +70,9 @@ def test_compare_table_sampling_resume_and_figures(capsys, tmp_path):
         read_rows(out / "spafl" / "seed0")[2]["sampled"] != read_rows(out / "spafl" / "seed1")[2]["sampled"]
     for name in ("accuracy.png", "communication.png", "density.png", "tradeoff.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")}
+    assert lines["Method"][7:10] == ["Comm. (Gbit)", "Up (Gbit)", "Down (Gbit)"]
+    assert lines["spafl"][7:10] == ["0.0002227", "7.424e-05", "0.0001485"]  # 2 rounds, 2 clients, 580 thresholds, 32 bits; τ and Δτ down
     assert "Majority-class floor" in (out / "table.md").read_text()
     capsys.readouterr()
 

@@ -205,21 +205,25 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines = [
         f"### {title}",
         "",
-        "| Method | Accuracy (%) | ± clients | ± seeds | Best round (%) | Density | Density (weighted) | Comm. (Gbit) | Training FLOPs | Time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Method | Accuracy (%) | ± clients | ± seeds | Best round (%) | Density | Density (weighted) | Comm. (Gbit) | Up (Gbit) "
+        "| Down (Gbit) | Training FLOPs | Time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         seeds = "" if r["accuracy_std_seeds"] is None else f"{r['accuracy_std_seeds']:.2f}"
+        up, down = ("" if r[key] is None else f"{r[key] / 1e9:.4g}" for key in ("bits_up", "bits_down"))
         lines.append(
             f"| {r['method']} | {r['accuracy_mean']:.2f} | {r['accuracy_std_clients']:.2f} | {seeds} | {r['accuracy_best_round']:.2f} | "
-            f"{r['density']:.3f} | {r['density_weighted']:.3f} | {r['gbit_total']:.4g} | {r['flops_total']:.3g} | {r['seconds']:.0f} |"
+            f"{r['density']:.3f} | {r['density_weighted']:.3f} | {r['gbit_total']:.4g} | {up} | {down} | {r['flops_total']:.3g} | "
+            f"{r['seconds']:.0f} |"
         )
     floor = _mean([r["_majority"] for r in rows])
     lines += [
         "",
         "Accuracy: final round, mean over clients of each client's accuracy on its own test split (± clients: its spread over "
         "clients; ± seeds: spread of the mean over seeds). Best round is labelled as such. Density: layer-mean kept fraction "
-        "(weighted: kept/all masked weights). Communication: payload bits of all messages, both directions. FLOPs: the reference's "
+        "(weighted: kept/all masked weights). Communication: payload bits of all messages, both directions, then uplink and "
+        "downlink apart. FLOPs: the reference's "
         "training count, summed over clients and divided by N.",
         "",
         f"Majority-class floor (each client always answers its most frequent training class): {floor:.2f} %.",
