@@ -134,6 +134,24 @@ def test_record_masks_stores_packed_kept_bits_per_client_and_layer(tmp_path, syn
         assert (np.unpackbits(last["fc1"][client_id], count=500).astype(bool) == kept).all()
 
 
+def test_record_masks_of_a_width_method_gives_each_client_its_prefix_of_the_full_width(tmp_path, synthetic):
+    """A FjORD client holds the leading width_units(p_max, n) units of each hidden layer; the rest are recorded as pruned."""
+    import numpy as np
+
+    from spafl.algorithms.widths import width_units
+
+    _, _, sim = run(tmp_path, synthetic, method="fjord", fjord_widths="0.2,0.6,1", num_clients=6, record_masks=(1,))
+    recorded = np.load(tmp_path / "run" / "masks" / "round_00001.npz")
+    tiers = [sim.algorithm.tier_of(k) for k in range(6)]
+    assert {0.2, 1.0} <= set(tiers)  # clients of the narrowest and of the full width
+    for name, units in (("conv1", 20), ("conv2", 50), ("fc1", 500), ("fc2", 10)):
+        assert int(recorded[f"units/{name}"]) == units and recorded[name].shape == (6, (units + 7) // 8)
+        kept = np.unpackbits(recorded[name], axis=1, count=units).astype(bool)
+        for client_id, tier in enumerate(tiers):
+            held = units if name == "fc2" else width_units(tier, units)  # the output layer keeps every class
+            assert kept[client_id].tolist() == [True] * held + [False] * (units - held), (name, client_id)
+
+
 def test_an_evaluation_that_resets_a_collapsed_layer_is_stored_and_counted(tmp_path, synthetic):
     """The guard's reset during evaluation stays in the client's state, as in the reference; rows count it."""
     config = small_config(num_clients=4, clients_per_round=2, rounds=1)

@@ -228,18 +228,25 @@ class Simulator(Transport):
         return self._memo
 
     def _record_masks(self, state: RunState, round_number: int) -> None:
-        """Kept/pruned state of every unit of every client, bit-packed (for sparsity-pattern figures)."""
-        masks: dict[str, list[np.ndarray]] = {}
+        """Kept/pruned state of every unit of every client, bit-packed (for sparsity-pattern figures).
+
+        A client of a width method (HeteroFL, FjORD) holds a prefix of each layer's units: the units beyond it
+        are recorded as pruned, so every row has the full model's width.
+        """
+        with torch.random.fork_rng(devices=[]):  # building the full model must not move the run's random stream
+            full = {name: layer.kept_units().numel() for name, layer in masked_layers(self.federation.spec.factory())}
+        masks: dict[str, list[np.ndarray]] = {name: [] for name in full}
         for client_id in range(self.config.num_clients):
             # not written back: at large N that would materialize every client
             weights = self.algorithm.evaluation_state(state["clients"].load(client_id, write_back=False), state["server"])
             model = self.algorithm.workspace(weights)
             for name, layer in masked_layers(model):
-                masks.setdefault(name, []).append(layer.kept_units().cpu().numpy())
+                kept = layer.kept_units().cpu().numpy()
+                masks[name].append(np.pad(kept, (0, full[name] - kept.size)))
         directory = self.run_dir / "masks"
         directory.mkdir(exist_ok=True)
         packed = {name: np.packbits(np.stack(rows), axis=1) for name, rows in masks.items()}
-        units = {f"units/{name}": np.array(len(rows[0])) for name, rows in masks.items()}
+        units = {f"units/{name}": np.array(full[name]) for name in masks}
         np.savez_compressed(directory / f"round_{round_number:05d}.npz", **packed, **units)
 
     # -- rounds and the run --------------------------------------------------------
