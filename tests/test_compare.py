@@ -153,3 +153,18 @@ def test_sweep_figure_needs_two_values_of_one_key(tmp_path):
     assert plot_sweep(methods, rows, tmp_path) == tmp_path / "sweep.png"
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert plot_sweep(parse_methods("local:lr=0.01,spafl"), rows, tmp_path / "none") is None  # one value: nothing to draw
+
+
+def test_sweep_table_gives_each_value_and_picks_the_best_final_accuracy():
+    from spafl.compare import sweep_markdown
+
+    rows = [{"method": label, "accuracy_mean": final, "accuracy_best_round": best} for label, final, best in [
+        ("fedavg:lr=0.1", 60.0, 61.5), ("fedavg:lr=0.01", 50.0, 58.25), ("fedavg:lr=0.3", 60.0, 60.0),
+        ("fedpm:fedpm_lr=0.1", 40.0, 40.0), ("fedpm:fedpm_lr=0.3", 45.125, 47.0), ("spafl", 70.0, 71.0), ("local:lr=0.01", 40.0, 41.0),
+    ]]
+    assert sweep_markdown(parse_methods(",".join(row["method"] for row in rows)), rows).splitlines()[2:] == [
+        # values in increasing order; 0.1 and 0.3 tie at 60 %: the smaller wins
+        "| fedavg | lr | 0.01: 50.00 (58.25); **0.1: 60.00** (61.50); 0.3: 60.00 (60.00) | 0.1 |",
+        "| fedpm | fedpm_lr | 0.1: 40.00 (40.00); **0.3: 45.12** (47.00) | 0.3 |",
+    ]
+    assert sweep_markdown(parse_methods("local:lr=0.01,spafl"), rows) is None

@@ -364,6 +364,9 @@ def draw(out: Path, methods: list[MethodSpec], runs: dict[str, dict[int, Path]],
     plot(runs, out, rows)
     plot_tradeoff(methods, rows, out, th_coeff)
     plot_sweep(methods, rows, out)
+    sweep = sweep_markdown(methods, rows)
+    if sweep is not None:
+        (out / "sweep.md").write_text(sweep)
     return rows
 
 
@@ -381,28 +384,45 @@ def redraw(out: str | Path, methods_text: str | None = None) -> list[dict[str, A
     return draw(out, methods, runs, title, th_coeff)
 
 
-def plot_sweep(methods: list[MethodSpec], rows: list[dict[str, Any]], out: Path) -> Path | None:
-    """Final accuracy against the value of a swept key (log scale), one line per method and key.
-
-    Drawn from the entries that override exactly one numeric key, where some
-    method has at least two values of it (a learning-rate sweep).
-    """
-    from spafl.report import line_figure
-
+def sweep_groups(methods: list[MethodSpec], rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[float, dict[str, Any]]]]:
+    """(method, key) -> [(value, table row)] in increasing value, for the entries that override exactly one
+    numeric key where the method has at least two values of it (a learning-rate sweep)."""
     by_label = {r["method"]: r for r in rows}
-    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    groups: dict[tuple[str, str], list[tuple[float, dict[str, Any]]]] = {}
     for spec in methods:
         if len(spec.overrides) == 1 and isinstance(spec.overrides[0][1], float):
             key, value = spec.overrides[0]
-            groups.setdefault((spec.method, key), []).append((value, by_label[spec.label]["accuracy_mean"]))
-    lines = [([v for v, _ in sorted(points)], [a for _, a in sorted(points)], {"marker": "o", "label": f"{method} ({key})"})
-             for (method, key), points in groups.items() if len(points) > 1]
+            groups.setdefault((spec.method, key), []).append((value, by_label[spec.label]))
+    return {group: sorted(points, key=lambda point: point[0]) for group, points in groups.items() if len(points) > 1}
+
+
+def plot_sweep(methods: list[MethodSpec], rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Final accuracy against the value of a swept key (log scale), one line per method and key."""
+    from spafl.report import line_figure
+
+    lines = [([value for value, _ in points], [row["accuracy_mean"] for _, row in points], {"marker": "o", "label": f"{method} ({key})"})
+             for (method, key), points in sweep_groups(methods, rows).items()]
     if not lines:
         return None
     return line_figure(
         out / "sweep.png", lines, xscale="log", size=(7, 4.5), legend={"fontsize": 8},
         xlabel="value of the swept key (log scale)", ylabel="final accuracy (%)", title="Sweep: final accuracy per value",
     )
+
+
+def sweep_markdown(methods: list[MethodSpec], rows: list[dict[str, Any]]) -> str | None:
+    """One line per swept method and key: each value's final accuracy (best round's in brackets), the best final
+    in bold, and the value it picks (ties go to the smaller value)."""
+    groups = sweep_groups(methods, rows)
+    if not groups:
+        return None
+    lines = ["| method | key | value: final accuracy % (best round %) | best final |", "|---|---|---|---|"]
+    for (method, key), points in groups.items():
+        chosen, _ = max(points, key=lambda point: (point[1]["accuracy_mean"], -point[0]))
+        cells = [(f"**{value:g}: {row['accuracy_mean']:.2f}**" if value == chosen else f"{value:g}: {row['accuracy_mean']:.2f}")
+                 + f" ({row['accuracy_best_round']:.2f})" for value, row in points]
+        lines.append(f"| {method} | {key} | {'; '.join(cells)} | {chosen:g} |")
+    return "\n".join(lines) + "\n"
 
 
 def compare(
