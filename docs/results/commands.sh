@@ -16,7 +16,7 @@ for method in fedavg local heterofl fjord fedp3 fedspa lotteryfl; do
 done
 sweep+=("fedpm:fedpm_lr=0.03" "fedpm:fedpm_lr=0.1" "fedpm:fedpm_lr=0.3")
 # A method whose best value lies at the edge of its three gets one value more beyond it.
-sweep+=("heterofl:lr=0.0001" "lotteryfl:lr=0.01")
+sweep+=("heterofl:lr=0.0001" "lotteryfl:lr=0.01" "fedpm:fedpm_lr=1")
 for spec in "${sweep[@]}"; do
   $spafl compare --preset fmnist-paper --set rounds=100 --set eval_every=10 --seeds 0 --quiet \
       --methods "$spec" --out docs/results/sweep || echo "sweep entry $spec failed"
