@@ -100,6 +100,8 @@ def test_a_presets_method_settings_apply_to_that_method_under_the_file_and_set(t
     # the sweep's choice (docs/results.md)
     assert build_config("fmnist-paper", overrides={"method": "heterofl"}).lr == 0.0003
     assert build_config("fmnist-paper", overrides={"method": "lotteryfl"}).lr == 0.003
+    assert build_config("fmnist-paper", overrides={"method": "fedpm"}).fedpm_lr == 0.3
+    assert build_config("fmnist-quick", overrides={"method": "fedpm"}).fedpm_lr == 0.1
     assert build_config("fmnist-paper", overrides={"method": "fjord"}).lr == 0.001
 
     monkeypatch.setitem(config_module.METHOD_SETTINGS, "fmnist-paper", {"fedavg": {"lr": 0.003}})
