@@ -188,7 +188,7 @@ def table_rows(runs: dict[str, dict[int, Path]]) -> list[dict[str, Any]]:
             "bits_up_coded": _bits([s.get("bits_up_coded_total") for s in summaries]),
             "flops_total": _mean([s["flops_total"] for s in summaries]),
             "seconds": _mean([s["seconds_total"] for s in summaries]),
-            "_majority": _mean([f["accuracy_majority"] for f in finals]),
+            "_majority": {seed: final["accuracy_majority"] for seed, final in zip(by_seed, finals)},
         })
     return rows
 
@@ -217,7 +217,9 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
             f"{r['density']:.3f} | {r['density_weighted']:.3f} | {r['gbit_total']:.4g} | {up} | {down} | {r['flops_total']:.3g} | "
             f"{r['seconds']:.0f} |"
         )
-    floor = _mean([r["_majority"] for r in rows])
+    floors = _floors(rows)
+    floor = f"{next(iter(floors.values())):.2f} %" if len(floors) == 1 else ", ".join(
+        f"{value:.2f} % (seed {seed})" for seed, value in floors.items())
     lines += [
         "",
         "Accuracy: final round, mean over clients of each client's accuracy on its own test split (± clients: its spread over "
@@ -226,9 +228,18 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
         "downlink apart. FLOPs: the reference's "
         "training count, summed over clients and divided by N.",
         "",
-        f"Majority-class floor (each client always answers its most frequent training class): {floor:.2f} %.",
+        f"Majority-class floor (each client always answers its most frequent training class): {floor}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _floors(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Each seed's majority-class floor: a function of the seed's partition, so the same for every method of it."""
+    floors: dict[int, float] = {}
+    for row in rows:
+        for seed, floor in row["_majority"].items():
+            floors.setdefault(seed, floor)
+    return dict(sorted(floors.items()))
 
 
 def _curves(runs: dict[str, dict[int, Path]]) -> dict[str, list[list[dict[str, Any]]]]:
@@ -266,7 +277,8 @@ def plot(runs: dict[str, dict[int, Path]], out: Path, rows: list[dict[str, Any]]
         return [(*_mean_curve(per_seed, key), style(label)) for label, per_seed in curves.items()]
 
     figure = {"size": (7, 4.5), "legend": {"fontsize": 8}}
-    floor = _mean([r["_majority"] for r in rows])
+    floors = _floors(rows)
+    floor = _mean(list(floors.values()))
     bands = []
     for label, per_seed in curves.items():
         if len(per_seed) > 1:  # the lowest and highest seed at each round
@@ -274,7 +286,7 @@ def plot(runs: dict[str, dict[int, Path]], out: Path, rows: list[dict[str, Any]]
             bands.append((xs, [min(at) for at in values], [max(at) for at in values], {"color": color[label], "alpha": 0.2}))
     title = "Learning curves" + (" (shaded: lowest to highest seed)" if bands else "")
     written = [line_figure(
-        out / "accuracy.png", mean_lines("accuracy"), hline=(floor, {"color": "grey", "linestyle": "--", "label": "majority-class floor"}),
+        out / "accuracy.png", mean_lines("accuracy"), hline=(floor, {"color": "grey", "linestyle": "--", "label": "majority-class floor" + (" (mean over seeds)" if len(floors) > 1 else "")}),
         bands=bands, xlabel="round", ylabel="accuracy (%), mean over clients", title=title, **figure,
     )]
 
