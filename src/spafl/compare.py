@@ -225,8 +225,7 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
         "Accuracy: final round, mean over clients of each client's accuracy on its own test split (± clients: its spread over "
         "clients; ± seeds: spread of the mean over seeds). Best round is labelled as such. Density: layer-mean kept fraction "
         "(weighted: kept/all masked weights). Communication: payload bits of all messages, both directions, then uplink and "
-        "downlink apart. FLOPs: the reference's "
-        "training count, summed over clients and divided by N.",
+        "downlink apart. FLOPs: the reference's training count, summed over clients and divided by N.",
         "",
         f"Majority-class floor (each client always answers its most frequent training class): {floor}.",
     ]
@@ -278,7 +277,9 @@ def plot(runs: dict[str, dict[int, Path]], out: Path, rows: list[dict[str, Any]]
 
     figure = {"size": (7, 4.5), "legend": {"fontsize": 8}}
     floors = _floors(rows)
-    floor = _mean(list(floors.values()))
+    floor_line = (_mean(list(floors.values())), {
+        "color": "grey", "linestyle": "--", "label": "majority-class floor" + (" (mean over seeds)" if len(floors) > 1 else ""),
+    })
     bands = []
     for label, per_seed in curves.items():
         if len(per_seed) > 1:  # the lowest and highest seed at each round
@@ -286,7 +287,7 @@ def plot(runs: dict[str, dict[int, Path]], out: Path, rows: list[dict[str, Any]]
             bands.append((xs, [min(at) for at in values], [max(at) for at in values], {"color": color[label], "alpha": 0.2}))
     title = "Learning curves" + (" (shaded: lowest to highest seed)" if bands else "")
     written = [line_figure(
-        out / "accuracy.png", mean_lines("accuracy"), hline=(floor, {"color": "grey", "linestyle": "--", "label": "majority-class floor" + (" (mean over seeds)" if len(floors) > 1 else "")}),
+        out / "accuracy.png", mean_lines("accuracy"), hline=floor_line,
         bands=bands, xlabel="round", ylabel="accuracy (%), mean over clients", title=title, **figure,
     )]
 
